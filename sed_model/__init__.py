@@ -1,0 +1,40 @@
+"""SED (CVPR 2024) on upstream OpenCLIP: model, checkpoints, text, predictor and loss.
+
+    import sed_model
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model="convnext_b"))
+    sed_model.load_checkpoint(model, "sed_model_base.pth")
+    text = model.encode_classes(["sky", "person, human"])
+    probs = model.predict(image_uint8_chw, text, top_k=8)
+"""
+
+from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint, save_checkpoint
+from .config import PRESETS, SEDConfig, UnknownModelError
+from .loss import sed_loss
+from .factory import create_model
+from .model import SED, Prediction, build_sed, cost_volume
+from .predictor import SEDPredictor
+from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes, taxonomy_hash
+from .transforms import resize_shortest_edge
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "IMAGENET_TEMPLATES",
+    "PRESETS",
+    "Prediction",
+    "SED",
+    "SEDConfig",
+    "SEDPredictor",
+    "TaxonomyError",
+    "UnknownModelError",
+    "build_sed",
+    "cost_volume",
+    "create_model",
+    "encode_classes",
+    "load_checkpoint",
+    "read_checkpoint",
+    "resize_shortest_edge",
+    "save_checkpoint",
+    "sed_loss",
+    "taxonomy_hash",
+]

@@ -1,0 +1,54 @@
+"""The CLIP backbone of SED on upstream OpenCLIP: dense image features and the text tower.
+
+SED does not use CLIP's pooled image embedding. It needs the ConvNeXt trunk's hierarchical maps
+(`res2`..`res5`, strides 4..32) for appearance guidance, and CLIP-space features at every stride-32
+position (`clip_vis_dense`) for the cost volume. Those come from running the trunk's parts by hand:
+`visual(x)` with `timm_pool=""` would apply the projection on the wrong axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+
+class CLIPBackbone(nn.Module):
+    """An `open_clip.model.CLIP` (timm image tower) exposing SED's dense features.
+
+    Parameter names stay OpenCLIP's (`clip.visual.trunk...`), so the paper's checkpoints map onto
+    it by a prefix change alone.
+    """
+
+    def __init__(self, clip_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        if "timm_model_name" not in clip_cfg.get("vision_cfg", {}):
+            raise ValueError("SED's backbone needs a timm image tower (vision_cfg.timm_model_name)")
+        self.clip = open_clip.model.CLIP(**clip_cfg)
+        trunk = self.clip.visual.trunk
+        if not hasattr(trunk, "stem") or not hasattr(trunk, "stages") or len(trunk.stages) != 4:
+            raise ValueError(f"SED needs a ConvNeXt-style trunk with a stem and 4 stages, got {type(trunk).__name__}")
+        self.stage_channels: tuple[int, ...] = tuple(info["num_chs"] for info in trunk.feature_info)
+        self.embed_dim: int = clip_cfg["embed_dim"]
+        self.context_length: int = self.clip.context_length
+
+    def dense_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
+        trunk = self.clip.visual.trunk
+        x = trunk.stem(images)
+        features: dict[str, torch.Tensor] = {}
+        for i, stage in enumerate(trunk.stages):
+            x = stage(x)
+            features[f"res{i + 2}"] = x
+        x = trunk.norm_pre(x)
+        x = trunk.head.norm(x)
+        # OpenCLIP's projection head (linear or MLP) at every position, over the channel axis.
+        x = self.clip.visual.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        features["clip_vis_dense"] = x
+        return features
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (N, context) -> L2-normalised text embeddings (N, D)."""
+        return self.clip.encode_text(tokens, normalize=True)

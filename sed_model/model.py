@@ -1,0 +1,189 @@
+"""SED = CLIP backbone + cost volume + gradual-fusion decoder.
+
+Images enter as uint8 RGB (CHW); the model normalises them with CLIP's statistics and resizes them
+to `image_size` x `image_size` (768, whatever the aspect ratio), as the paper does. The device comes
+from the model's parameters: nothing here calls `.cuda()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import CLIPBackbone
+from .config import SEDConfig, resolve_clip_config
+from .decoder import SEDDecoder, StageLogits
+from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes
+
+HEAD_NAMES = ("head", "head0", "head1", "head2")
+
+
+@dataclass
+class Prediction:
+    """One image's result: per-class probabilities and the classes early rejection kept."""
+
+    probs: torch.Tensor  # (T, H, W) float; rejected classes are exactly 0
+    kept: torch.Tensor  # (K,) int64 class indices in taxonomy order (all classes in exact mode)
+    kept_after: dict[str, torch.Tensor]  # classes surviving the rejection after head0, head1, head2
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The argmax label map `(H, W)` int64."""
+        return self.probs.argmax(dim=0)
+
+
+def cost_volume(clip_dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of dense image features `(B, D, h, w)` with `(T, P, D)` -> `(B, T, P, h, w)`.
+
+    No temperature is applied (the paper's code does not).
+    """
+    image = F.normalize(clip_dense, dim=1)
+    text = F.normalize(text, dim=-1)
+    return torch.einsum("bdhw,tpd->btphw", image, text)
+
+
+class SED(nn.Module):
+    """The SED model. Build it with `sed_model.build_sed(config)`."""
+
+    def __init__(self, config: SEDConfig) -> None:
+        super().__init__()
+        self.config = config
+        clip_cfg, self.open_clip_model, self.pretrained_tag = resolve_clip_config(config.clip_model)
+        self.backbone = CLIPBackbone(clip_cfg)
+        res2, res3, res4, _ = self.backbone.stage_channels
+        self.decoder = SEDDecoder(
+            appearance_channels=(res4, res3, res2),
+            hidden_dim=config.hidden_dim,
+            decoder_dims=config.decoder_dims,
+            guidance_dims=config.guidance_dims,
+            num_templates=config.num_templates,
+            kernel_size=config.cnext_kernel_size,
+            heads=config.attention_heads,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def pooling(self) -> int:
+        """Class-attention pooling: the paper trains with 2x2 and evaluates with 1x1."""
+        return self.config.train_pooling if self.training else self.config.eval_pooling
+
+    # Text ---------------------------------------------------------------------------------------
+    def encode_classes(self, classes: Sequence[str], templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
+        """Class names -> `(T, P, D)` normalised text embeddings; compute once per taxonomy."""
+        if len(templates) != self.config.num_templates:
+            raise TaxonomyError(
+                f"this model takes exactly {self.config.num_templates} prompt templates "
+                f"(its first layer has one input channel per template), got {len(templates)}"
+            )
+        return encode_classes(self.backbone, classes, templates)
+
+    # Images -------------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 `(B, 3, H, W)` or a list of `(3, H_i, W_i)` -> normalised `(B, 3, S, S)` float."""
+        if isinstance(images, torch.Tensor):
+            images = [images] if images.dim() == 3 else list(images)
+        size = (self.config.image_size, self.config.image_size)
+        batch = []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i} must be a (3, H, W) RGB tensor, got shape {tuple(image.shape)}")
+            x = (image.to(self.device, torch.float32)[None] - self.pixel_mean) / self.pixel_std
+            batch.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(batch)
+
+    def dense_features(self, images: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 images -> backbone maps `res2..res5` and `clip_vis_dense`."""
+        return self.backbone.dense_features(self.preprocess(images))
+
+    def _decode(self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None) -> list[StageLogits]:
+        if text.dim() != 3 or text.shape[1] != self.config.num_templates:
+            raise ValueError(
+                f"text must be (T, {self.config.num_templates}, D) from encode_classes, got {tuple(text.shape)}"
+            )
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
+        features = self.dense_features(images)
+        cost = cost_volume(features["clip_vis_dense"], text.to(self.device, torch.float32))
+        appearance = (features["res4"], features["res3"], features["res2"])
+        return self.decoder(cost, appearance, self.pooling, top_k)
+
+    def forward_logits(
+        self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None = None
+    ) -> list[torch.Tensor]:
+        """uint8 images -> `[head, head0, head1, head2]` logits, each `(B, T, h, w)`.
+
+        In training mode this is the training forward (class-attention pooling `train_pooling`).
+        With `top_k`, the logits of classes rejected before a head are `-inf` there.
+        """
+        outputs = self._decode(images, text, top_k)
+        b, t = len(outputs[1].rows.counts), text.shape[0]
+        dense = []
+        for stage in outputs:
+            full = stage.logits.new_full((b, t, *stage.logits.shape[-2:]), float("-inf"))
+            full[stage.rows.image_index, stage.rows.class_index] = stage.logits
+            dense.append(full)
+        return dense
+
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_logits(images, text)
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        images: Sequence[torch.Tensor],
+        text: torch.Tensor,
+        top_k: int | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Prediction]:
+        """Label a batch of uint8 `(3, H_i, W_i)` images of any sizes against one taxonomy.
+
+        Each image gets what it would get alone: early rejection keeps its own class set. The
+        192x192 probabilities are resized in one step (bilinear, `align_corners=False`) to the
+        image's own size, or to `output_sizes[i]`.
+        """
+        images = list(images)
+        if output_sizes is None:
+            output_sizes = [tuple(image.shape[-2:]) for image in images]
+        if len(output_sizes) != len(images):
+            raise ValueError(f"got {len(output_sizes)} output sizes for {len(images)} images")
+        final, _, after_head0, after_head1 = self._decode(images, text, top_k)
+        after = {"head0": after_head0.rows, "head1": after_head1.rows, "head2": final.rows}
+        t = text.shape[0]
+        predictions = []
+        for i, chunk in enumerate(final.logits.split(final.rows.counts)):
+            kept_after = {name: rows.class_index[rows.image_index == i] for name, rows in after.items()}
+            kept = kept_after["head2"]
+            # Only kept classes are resized; rejected ones are exactly 0 at any size.
+            probs = F.interpolate(torch.sigmoid(chunk)[None], size=tuple(output_sizes[i]), mode="bilinear", align_corners=False)[0]
+            full = probs.new_zeros((t, *probs.shape[-2:]))
+            full[kept] = probs
+            predictions.append(Prediction(probs=full, kept=kept, kept_after=kept_after))
+        return predictions
+
+    @torch.no_grad()
+    def predict(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        top_k: int | None = None,
+        output_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """One uint8 `(3, H, W)` image -> `(T, H, W)` probabilities (or at `output_size`)."""
+        if image.dim() != 3:
+            raise ValueError(f"predict takes one (3, H, W) image, got shape {tuple(image.shape)}; use predict_batch")
+        sizes = None if output_size is None else [tuple(output_size)]
+        return self.predict_batch([image], text, top_k, sizes)[0].probs
+
+
+def build_sed(config: SEDConfig | None = None) -> SED:
+    """Build an SED with random weights (no download); load weights with `load_checkpoint`."""
+    return SED(config or SEDConfig())

@@ -1,0 +1,70 @@
+"""Label many images against one taxonomy, in the style of segment-anything's predictor.
+
+Set the expensive context once (the taxonomy's text embeddings), then predict many images. By
+default images go through the paper's evaluation protocol: resized to short side 640 (long side at
+most 2560) with PIL, labelled with class-attention pooling from the model's eval setting, and the
+192x192 probabilities resized in one step to the original size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .model import SED, Prediction
+from .text import IMAGENET_TEMPLATES, taxonomy_hash
+from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
+
+
+class SEDPredictor:
+    """`set_taxonomy` once, then `predict` / `predict_batch` many times."""
+
+    def __init__(
+        self,
+        model: SED,
+        top_k: int | None = None,
+        short_edge: int | None = EVAL_SHORT_EDGE,
+        max_size: int = EVAL_MAX_SIZE,
+    ) -> None:
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
+        self.model = model.eval()
+        self.top_k = top_k
+        self.short_edge = short_edge
+        self.max_size = max_size
+        self.classes: list[str] | None = None
+        self.text_features: torch.Tensor | None = None
+        self.taxonomy_hash: str | None = None
+
+    def set_taxonomy(
+        self,
+        classes: Sequence[str],
+        templates: Sequence[str] = IMAGENET_TEMPLATES,
+        text_features: torch.Tensor | None = None,
+    ) -> None:
+        """Encode the class names once (or adopt `text_features` computed elsewhere for them)."""
+        if text_features is None:
+            text_features = self.model.encode_classes(classes, templates)
+        elif text_features.shape[0] != len(classes):
+            raise ValueError(f"text_features hold {text_features.shape[0]} classes, the taxonomy {len(classes)}")
+        self.classes = list(classes)
+        self.text_features = text_features.to(self.model.device)
+        self.taxonomy_hash = taxonomy_hash(classes, templates)
+
+    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
+        if self.short_edge is None:
+            return image
+        return resize_shortest_edge(image, self.short_edge, self.max_size)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
+        """uint8 `(3, H_i, W_i)` images -> one `Prediction` each, at each image's own size."""
+        if self.text_features is None:
+            raise RuntimeError("call set_taxonomy(...) before predict")
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        prepared = [self._prepare(image) for image in images]
+        return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes)
+
+    def predict(self, image: torch.Tensor) -> Prediction:
+        return self.predict_batch([image])[0]
