@@ -24,16 +24,43 @@ HEAD_NAMES = ("head", "head0", "head1", "head2")
 
 @dataclass
 class Prediction:
-    """One image's result: per-class probabilities and the classes early rejection kept."""
+    """One image's result: the kept classes' probabilities, and which classes early rejection kept."""
 
-    probs: torch.Tensor  # (T, H, W) float; rejected classes are exactly 0
-    kept: torch.Tensor  # (K,) int64 class indices in taxonomy order (all classes in exact mode)
+    kept_probs: torch.Tensor  # (K, H, W) probabilities of the kept classes, in taxonomy order
+    kept: torch.Tensor  # (K,) int64 class indices (all classes in exact mode)
     kept_after: dict[str, torch.Tensor]  # classes surviving the rejection after head0, head1, head2
+    num_classes: int
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """`(T, H, W)` probabilities; rejected classes are exactly 0."""
+        full = self.kept_probs.new_zeros((self.num_classes, *self.kept_probs.shape[-2:]))
+        full[self.kept] = self.kept_probs
+        return full
 
     @property
     def labels(self) -> torch.Tensor:
         """The argmax label map `(H, W)` int64."""
-        return self.probs.argmax(dim=0)
+        return self.kept[self.kept_probs.argmax(dim=0)]
+
+
+@dataclass
+class Labeling:
+    """One image's label map without the per-class probability maps (memory O(H*W))."""
+
+    labels: torch.Tensor  # (H, W) int64 class indices (argmax over classes)
+    confidence: torch.Tensor  # (H, W) float: the winning class's probability
+    kept: torch.Tensor
+    kept_after: dict[str, torch.Tensor]
+
+
+@dataclass
+class LowResolution:
+    """Sigmoid of the final head for one image's kept classes, at the model's output resolution."""
+
+    probs: torch.Tensor  # (K, 192, 192)
+    kept: torch.Tensor
+    kept_after: dict[str, torch.Tensor]
 
 
 def cost_volume(clip_dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -137,6 +164,19 @@ class SED(nn.Module):
         return self.forward_logits(images, text)
 
     @torch.no_grad()
+    def predict_low_res(
+        self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None = None
+    ) -> list[LowResolution]:
+        """Per image: the kept classes and their probabilities at the decoder's resolution."""
+        final, _, after_head0, after_head1 = self._decode(images, text, top_k)
+        after = {"head0": after_head0.rows, "head1": after_head1.rows, "head2": final.rows}
+        results = []
+        for i, chunk in enumerate(final.logits.split(final.rows.counts)):
+            kept_after = {name: rows.class_index[rows.image_index == i] for name, rows in after.items()}
+            results.append(LowResolution(torch.sigmoid(chunk), kept_after["head2"], kept_after))
+        return results
+
+    @torch.no_grad()
     def predict_batch(
         self,
         images: Sequence[torch.Tensor],
@@ -148,26 +188,47 @@ class SED(nn.Module):
 
         Each image gets what it would get alone: early rejection keeps its own class set. The
         192x192 probabilities are resized in one step (bilinear, `align_corners=False`) to the
-        image's own size, or to `output_sizes[i]`.
+        image's own size, or to `output_sizes[i]`. Only kept classes are resized; rejected ones
+        are exactly 0 at any size.
         """
         images = list(images)
-        if output_sizes is None:
-            output_sizes = [tuple(image.shape[-2:]) for image in images]
-        if len(output_sizes) != len(images):
-            raise ValueError(f"got {len(output_sizes)} output sizes for {len(images)} images")
-        final, _, after_head0, after_head1 = self._decode(images, text, top_k)
-        after = {"head0": after_head0.rows, "head1": after_head1.rows, "head2": final.rows}
-        t = text.shape[0]
-        predictions = []
-        for i, chunk in enumerate(final.logits.split(final.rows.counts)):
-            kept_after = {name: rows.class_index[rows.image_index == i] for name, rows in after.items()}
-            kept = kept_after["head2"]
-            # Only kept classes are resized; rejected ones are exactly 0 at any size.
-            probs = F.interpolate(torch.sigmoid(chunk)[None], size=tuple(output_sizes[i]), mode="bilinear", align_corners=False)[0]
-            full = probs.new_zeros((t, *probs.shape[-2:]))
-            full[kept] = probs
-            predictions.append(Prediction(probs=full, kept=kept, kept_after=kept_after))
-        return predictions
+        sizes = _output_sizes(images, output_sizes)
+        return [
+            Prediction(_resize(low.probs, size), low.kept, low.kept_after, text.shape[0])
+            for low, size in zip(self.predict_low_res(images, text, top_k), sizes)
+        ]
+
+    @torch.no_grad()
+    def label_batch(
+        self,
+        images: Sequence[torch.Tensor],
+        text: torch.Tensor,
+        top_k: int | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+        class_chunk: int = 16,
+    ) -> list[Labeling]:
+        """Like `predict_batch`, but keeps only the argmax and its probability.
+
+        Classes are resized `class_chunk` at a time with a running maximum, so memory stays
+        O(class_chunk * H * W) whatever the taxonomy size. Ties go to the lower class index, as
+        `argmax` does.
+        """
+        images = list(images)
+        sizes = _output_sizes(images, output_sizes)
+        results = []
+        for low, size in zip(self.predict_low_res(images, text, top_k), sizes):
+            confidence = labels = None
+            for start in range(0, low.kept.numel(), class_chunk):
+                chunk_best, chunk_index = _resize(low.probs[start : start + class_chunk], size).max(dim=0)
+                chunk_labels = low.kept[start + chunk_index]
+                if confidence is None:
+                    confidence, labels = chunk_best, chunk_labels
+                else:
+                    better = chunk_best > confidence
+                    confidence = torch.where(better, chunk_best, confidence)
+                    labels = torch.where(better, chunk_labels, labels)
+            results.append(Labeling(labels, confidence, low.kept, low.kept_after))
+        return results
 
     @torch.no_grad()
     def predict(
@@ -182,6 +243,19 @@ class SED(nn.Module):
             raise ValueError(f"predict takes one (3, H, W) image, got shape {tuple(image.shape)}; use predict_batch")
         sizes = None if output_size is None else [tuple(output_size)]
         return self.predict_batch([image], text, top_k, sizes)[0].probs
+
+
+def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    if output_sizes is None:
+        return [tuple(image.shape[-2:]) for image in images]
+    if len(output_sizes) != len(images):
+        raise ValueError(f"got {len(output_sizes)} output sizes for {len(images)} images")
+    return [tuple(size) for size in output_sizes]
+
+
+def _resize(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(K, h, w)` -> `(K, H, W)`, bilinear with `align_corners=False`, in one step."""
+    return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def build_sed(config: SEDConfig | None = None) -> SED:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .model import SED, Prediction
+from .model import SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
 
@@ -57,14 +57,24 @@ class SEDPredictor:
             return image
         return resize_shortest_edge(image, self.short_edge, self.max_size)
 
+    def _inputs(self, images: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        if self.text_features is None:
+            raise RuntimeError("call set_taxonomy(...) before predict")
+        if not len(images):
+            raise ValueError("no images to predict")
+        return [self._prepare(image) for image in images], [tuple(image.shape[-2:]) for image in images]
+
     @torch.inference_mode()
     def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
         """uint8 `(3, H_i, W_i)` images -> one `Prediction` each, at each image's own size."""
-        if self.text_features is None:
-            raise RuntimeError("call set_taxonomy(...) before predict")
-        sizes = [tuple(image.shape[-2:]) for image in images]
-        prepared = [self._prepare(image) for image in images]
+        prepared, sizes = self._inputs(images)
         return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes)
+
+    @torch.inference_mode()
+    def label_batch(self, images: Sequence[torch.Tensor]) -> list[Labeling]:
+        """Label maps and confidences only: memory bounded whatever the taxonomy size."""
+        prepared, sizes = self._inputs(images)
+        return self.model.label_batch(prepared, self.text_features, self.top_k, output_sizes=sizes)
 
     def predict(self, image: torch.Tensor) -> Prediction:
         return self.predict_batch([image])[0]

@@ -106,6 +106,16 @@ class TestPredictor:
             assert prediction.labels.shape == image.shape[1:]
             assert set(prediction.labels.unique().tolist()) <= set(prediction.kept.tolist())
 
+    @pytest.mark.parametrize("top_k", [None, 2])
+    def test_label_batch_equals_argmax_of_probabilities(self, tiny_pooling1, reference, cer_cases, top_k):
+        predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
+        predictor.set_taxonomy(cer_cases["classes"], text_features=cer_cases["text_features"])
+        for prediction, labeling in zip(predictor.predict_batch(reference["images"]), predictor.label_batch(reference["images"])):
+            probs = prediction.probs
+            assert torch.equal(labeling.labels, probs.argmax(dim=0))
+            torch.testing.assert_close(labeling.confidence, probs.max(dim=0).values)
+            assert torch.equal(labeling.kept, prediction.kept)
+
 
 def test_shortest_edge_size_follows_detectron2():
     assert shortest_edge_size(240, 320) == (640, 853)

@@ -1,0 +1,85 @@
+"""`sed-label`: run, validate and submit labelling jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.preflight import PreflightError, preflight
+from pipeline.run import JobSummary, run_job
+
+from .spec import SpecError, load_job_spec
+from .submit import submit_job
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic-segmentation pseudo-labels with SED on Ray.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _print_summary(summary: JobSummary) -> None:
+    typer.echo(
+        f"{summary.images} images: {summary.ok} ok, {summary.errors} errors; "
+        f"{summary.shards_committed} shards committed now, {summary.shards_done_before} before; "
+        f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s"
+    )
+    for reason, count in summary.errors_by_reason.items():
+        typer.echo(f"  {count} x {reason}")
+    typer.echo(f"outputs: {summary.output_url} (labels/*.parquet, coco/, labels.coco.json, summary.json)")
+
+
+@app.command()
+def run(
+    job: Path = typer.Argument(..., help="job spec (YAML)"),
+    overwrite: bool = typer.Option(False, help="delete the results already in the output folder and label everything again"),
+) -> None:
+    """Label every image of the job's input; rerun to finish an interrupted job."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        spec = load_job_spec(job)
+        preflight(spec)
+        if spec.model.weights is None:
+            typer.secho("note: model.weights is null: random weights, so the labels are meaningless (demo)", fg=typer.colors.YELLOW)
+        summary = run_job(spec, overwrite=overwrite, progress=typer.echo)
+    except (SpecError, PreflightError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # the job's own errors (conflicts, storage) end the command with their message
+        _fail(f"{type(exc).__name__}: {exc}")
+    _print_summary(summary)
+
+
+@app.command()
+def validate(job: Path = typer.Argument(..., help="job spec (YAML)")) -> None:
+    """Check a job spec and what it points at, without running it."""
+    try:
+        spec = load_job_spec(job)
+        taxonomy = preflight(spec)
+    except (SpecError, PreflightError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{job}: valid ({len(taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})")
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="job spec (YAML)"),
+    address: str = typer.Option(..., help="Ray job server, e.g. http://HEAD:8265"),
+    wait: bool = typer.Option(False, help="follow the job's logs until it ends"),
+) -> None:
+    """Submit the job to a Ray cluster through Ray's job submission API."""
+    try:
+        spec = load_job_spec(job)
+    except SpecError as exc:
+        _fail(str(exc))
+    submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo)
+    typer.echo(f"submitted {submission_id} to {address}: {status}")
+    if wait and status != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,50 @@
+"""Cluster submission through Ray's job submission API; the runtime environment carries the spec."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+import jobs
+import pipeline
+import schemas
+import sed_model
+from schemas import JobSpec
+
+SPEC_NAME = "job.yaml"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submission_runtime_env(spec: JobSpec, folder: Path) -> dict:
+    """A working dir holding the spec (its Ray address set to the cluster), plus this project's code."""
+    carried = spec.model_copy(deep=True)
+    carried.ray.address = "auto"
+    (folder / SPEC_NAME).write_text(yaml.safe_dump(carried.model_dump(mode="json"), sort_keys=False))
+    return {"working_dir": str(folder), "py_modules": [sed_model, pipeline, schemas, jobs]}
+
+
+def submit_job(
+    spec: JobSpec, address: str, wait: bool = False, echo: Callable[[str], None] = print, poll_seconds: float = 2.0
+) -> tuple[str, str]:
+    """Submit; return (submission id, status). With `wait`, stream the logs until the job ends."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    with tempfile.TemporaryDirectory(prefix="sed-label-submit-") as folder:
+        runtime_env = submission_runtime_env(spec, Path(folder))
+        submission_id = client.submit_job(entrypoint=f"python -m jobs.cli run {SPEC_NAME}", runtime_env=runtime_env)
+    status = str(client.get_job_status(submission_id).value)
+    if wait:
+        printed = 0
+        while status not in TERMINAL:
+            time.sleep(poll_seconds)
+            status = str(client.get_job_status(submission_id).value)
+            logs = client.get_job_logs(submission_id)
+            if len(logs) > printed:
+                echo(logs[printed:].rstrip("\n"))
+                printed = len(logs)
+    return submission_id, status

@@ -1,0 +1,117 @@
+"""Pipeline step: the callable class an actor pool runs; one SED per actor, loaded once.
+
+It only runs the model: decoded RGB in, label maps and per-class probability statistics out.
+Mask encoding happens after it, on CPU tasks. The taxonomy's text embeddings are computed once per
+job and handed in (Ray resolves the object reference), never recomputed per actor or batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import sed_model
+from schemas import STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
+
+from .model_loading import load_model, resolve_device
+
+UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence)
+
+
+class SEDInference:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        inference: dict[str, Any],
+        classes: list[str],
+        templates: list[str],
+        text_features: np.ndarray | Callable[[], np.ndarray],
+        checkpoint_hash: str,
+    ) -> None:
+        self.model_spec = ModelSpec(**model)
+        self.settings = InferenceSpec(**inference)
+        device = resolve_device(self.settings.device)
+        model_, loaded_hash = load_model(self.model_spec, device)
+        if loaded_hash != checkpoint_hash:
+            raise RuntimeError(
+                f"the weights at {self.model_spec.weights!r} changed during the job "
+                f"(hash {loaded_hash[:12]}, the job started with {checkpoint_hash[:12]})"
+            )
+        self.predictor = sed_model.SEDPredictor(
+            model_, top_k=self.settings.top_k, short_edge=self.settings.short_edge, max_size=self.settings.max_size
+        )
+        self.num_classes = len(classes)
+        if callable(text_features):  # fetched once per actor from wherever the executor keeps it
+            text_features = text_features()
+        self.predictor.set_taxonomy(classes, templates, text_features=torch.as_tensor(np.asarray(text_features)))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_index"])
+        status, error = batch["status"].copy(), batch["error"].copy()
+        label_maps = np.empty(n, dtype=object)
+        class_ids, mean_probs, max_probs, kept = (np.empty(n, dtype=object) for _ in range(4))
+        unlabeled = np.zeros(n, dtype=np.int64)
+        ok = [i for i in range(n) if status[i] == STATUS_OK]
+        results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
+        for i, result in zip(ok, results):
+            if isinstance(result, Exception):
+                status[i], error[i] = STATUS_ERROR, f"inference failed: {type(result).__name__}: {result}"
+                continue
+            label_maps[i], class_ids[i], mean_probs[i], max_probs[i], unlabeled[i] = self._summarise(result)
+            kept[i] = result.kept.cpu().numpy().astype(np.int32)
+        for i in range(n):
+            if status[i] != STATUS_OK:
+                label_maps[i] = np.zeros((1, 1), np.uint16)
+                class_ids[i] = np.zeros(0, np.int32)
+                mean_probs[i] = max_probs[i] = np.zeros(0, np.float32)
+                kept[i] = np.zeros(0, np.int32)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(
+            status=status,
+            error=error,
+            label_map=label_maps,
+            class_ids=class_ids,
+            mean_probs=mean_probs,
+            max_probs=max_probs,
+            kept_classes=kept,
+            unlabeled_area=unlabeled,
+        )
+        return out
+
+    def _label(self, images: list[torch.Tensor]) -> list[sed_model.model.Labeling | Exception]:
+        """Label the batch; if the batch fails, each image alone, so one bad image costs one row."""
+        if not images:
+            return []
+        try:
+            return list(self.predictor.label_batch(images))
+        except Exception:  # retried image by image below; each failure is kept as that image's reason
+            results: list[sed_model.model.Labeling | Exception] = []
+            for image in images:
+                try:
+                    results.append(self.predictor.label_batch([image])[0])
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
+    def _summarise(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        labels = labeling.labels
+        confidence = labeling.confidence
+        confident = confidence >= self.settings.min_confidence
+        flat_labels = labels[confident]
+        flat_conf = confidence[confident].float()
+        counts = torch.bincount(flat_labels, minlength=self.num_classes)
+        present = counts.nonzero().flatten()
+        sums = torch.zeros(self.num_classes, dtype=torch.float64, device=labels.device)
+        sums.index_add_(0, flat_labels, flat_conf.double())
+        maxima = torch.zeros(self.num_classes, device=labels.device).scatter_reduce(0, flat_labels, flat_conf, "amax")
+        label_map = torch.where(confident, labels, torch.full_like(labels, int(UNLABELED))).to(torch.int32)
+        return (
+            label_map.cpu().numpy().astype(np.uint16),
+            present.cpu().numpy().astype(np.int32),
+            (sums[present] / counts[present]).cpu().numpy().astype(np.float32),
+            maxima[present].cpu().numpy().astype(np.float32),
+            int((~confident).sum()),
+        )

@@ -1,0 +1,44 @@
+"""Build the job's SED from its model spec, and identify its weights by hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+import sed_model
+from schemas import ModelSpec
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("inference.device is 'cuda' but this worker sees no CUDA device")
+    return torch.device(device)
+
+
+def random_weights_hash(spec: ModelSpec) -> str:
+    """Stands in for a checkpoint hash when the job runs on seeded random weights (the demo)."""
+    config = sed_model.SEDConfig(clip_model=spec.clip_model).describe()
+    payload = json.dumps({"random_seed": spec.seed, "config": config}, sort_keys=True)
+    return "random-" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[sed_model.SED, str]:
+    """The model in eval mode on `device`, and the sha256 of its checkpoint (or a random-weights id)."""
+    if spec.weights is None:
+        torch.manual_seed(spec.seed)
+        model = sed_model.build_sed(sed_model.SEDConfig(clip_model=spec.clip_model))
+        return model.to(device).eval(), random_weights_hash(spec)
+    model, info = sed_model.create_model(
+        sed_model.SEDConfig(clip_model=spec.clip_model), spec.weights, device, spec.storage_options
+    )
+    return model, info.sha256
+
+
+def encode_taxonomy(spec: ModelSpec, classes: list[str], templates: list[str]) -> tuple[torch.Tensor, str]:
+    """Text embeddings `(T, P, D)` on CPU, and the checkpoint hash they were computed with."""
+    model, checkpoint_hash = load_model(spec, "cpu")
+    return model.encode_classes(classes, templates).cpu(), checkpoint_hash

@@ -1,0 +1,32 @@
+"""Data contracts of sed-label: the job spec (pydantic) and the output schemas (pyarrow)."""
+
+from .job import JOB_SPEC_VERSION, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
+from .labels import (
+    CLASS_LABEL,
+    COCO_CATEGORY_OFFSET,
+    LABELS_SCHEMA,
+    LABELS_SCHEMA_VERSION,
+    STATUS_ERROR,
+    STATUS_OK,
+    png_unlabeled_value,
+    read_labels_table,
+)
+
+__all__ = [
+    "CLASS_LABEL",
+    "COCO_CATEGORY_OFFSET",
+    "InferenceSpec",
+    "InputSpec",
+    "JOB_SPEC_VERSION",
+    "JobSpec",
+    "LABELS_SCHEMA",
+    "LABELS_SCHEMA_VERSION",
+    "ModelSpec",
+    "OutputSpec",
+    "RaySpec",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "TaxonomySpec",
+    "png_unlabeled_value",
+    "read_labels_table",
+]

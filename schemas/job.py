@@ -1,0 +1,111 @@
+"""The job spec: what a labelling job reads, how it labels, where it writes, and on what Ray.
+
+Validated with pydantic (`extra="forbid"`: an unknown field is an error naming it). The JSON Schema
+is exported to `schemas/job.schema.json`; `python -m schemas.export` rewrites it and a test fails
+when it is stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JOB_SPEC_VERSION = 1
+OUTPUT_FORMATS = ("parquet", "coco", "png")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Spec):
+    url: str = Field(description="fsspec URL: a prefix of image files, a glob, .tar shards, or Parquet files with image bytes")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (credentials, endpoint_url)")
+    shard_size: int = Field(256, ge=1, description="images per output shard (the unit of commit and resume)")
+    image_column: str = Field("image", description="Parquet inputs: the column with encoded image bytes (or a struct with 'bytes')")
+    id_column: str | None = Field(None, description="Parquet inputs: a column with image ids (default: file#row)")
+    max_pixels: int = Field(100_000_000, ge=1, description="images with more pixels are error rows (decompression bombs)")
+
+
+class TaxonomySpec(_Spec):
+    classes: list[str] | str = Field(description="class names (', ' separates synonyms), or a path/URL to a JSON list or a text file, one per line")
+    templates: Literal["imagenet"] | list[str] = Field("imagenet", description="'imagenet' (the paper's 80 templates) or strings containing {}")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the taxonomy needs at least one class")
+            duplicates = sorted({name for name in value if value.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate class names: {duplicates}")
+        elif not value.strip():
+            raise ValueError("empty path/URL")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("templates must not be empty")
+            for i, template in enumerate(value):
+                if "{}" not in template:
+                    raise ValueError(f"template {i} {template!r} has no '{{}}' for the class name")
+        return value
+
+
+class ModelSpec(_Spec):
+    clip_model: str | dict[str, Any] = Field("convnext_b", description="preset name (convnext_b, convnext_l), OpenCLIP architecture name, or OpenCLIP config dict")
+    weights: str | None = Field(description="SED checkpoint path/URL (.pth as released, or .safetensors); null = random weights (demo only: meaningless labels)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for reading the weights")
+    seed: int = Field(0, description="seed of the random weights when weights is null")
+
+
+class InferenceSpec(_Spec):
+    top_k: int | None = Field(8, ge=1, description="category early rejection (the paper's fast mode uses 8); null = exact")
+    batch_size: int = Field(4, ge=1, description="images per model call")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="pixels whose best probability is lower become unlabeled")
+    short_edge: int | None = Field(640, ge=32, description="resize to this short side first, as the paper evaluates; null = feed as is")
+    max_size: int = Field(2560, ge=32, description="cap on the long side of that resize")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the actor has a GPU")
+
+
+class OutputSpec(_Spec):
+    url: str = Field(description="fsspec URL of the output folder")
+    formats: list[Literal["parquet", "coco", "png"]] = Field(default_factory=lambda: ["parquet", "coco"])
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("formats")
+    @classmethod
+    def _parquet_is_the_record(cls, value: list[str]) -> list[str]:
+        if "parquet" not in value:
+            raise ValueError("'parquet' must be among the formats: it is the job's record (resume and reports read it)")
+        return list(dict.fromkeys(value))
+
+
+class RaySpec(_Spec):
+    address: str | None = Field(None, description="null = start an embedded local Ray; 'auto' or ray://HOST:PORT for a cluster")
+    num_actors: int = Field(1, ge=1, description="model actors (one SED each)")
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+
+
+class JobSpec(_Spec):
+    version: Literal[1] = JOB_SPEC_VERSION
+    input: InputSpec
+    taxonomy: TaxonomySpec
+    model: ModelSpec
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    output: OutputSpec
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _gpu_needs_cuda(self) -> "JobSpec":
+        if self.inference.device == "cuda" and self.ray.gpus_per_actor == 0:
+            raise ValueError("inference.device is 'cuda' but ray.gpus_per_actor is 0: actors would get no GPU")
+        return self

@@ -1,0 +1,172 @@
+"""The whole labelling job on a real local Ray: outputs, bad inputs, resume, conflicts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+
+from pipeline import JobConflictError, OutputStore, run_job
+from pipeline.commit import COMMITTED_DIR, JOB_FILE, MERGED_COCO_FILE
+
+from .conftest import tiny_job, write_inputs
+from .helpers import label_map_of, model_labels, read_rows
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, reference, local_ray):
+    """One job over good and bad inputs, run once for the module's checks."""
+    root = tmp_path_factory.mktemp("job")
+    inputs = write_inputs(root / "images")
+    spec = tiny_job(reference, str(root / "images"), str(root / "out"))
+    summary = run_job(spec)
+    return spec, inputs, summary, OutputStore(spec.output.url)
+
+
+def test_every_image_is_one_row_with_the_right_status(finished_job):
+    spec, inputs, summary, store = finished_job
+    rows = read_rows(store)
+    assert sorted(r["image_id"] for r in rows) == sorted(inputs)
+    assert [r["image_index"] for r in sorted(rows, key=lambda r: r["image_index"])] == list(range(len(inputs)))
+    for row in rows:
+        _, status, reason = inputs[row["image_id"]]
+        assert row["status"] == status, (row["image_id"], row["error"])
+        assert reason in (row["error"] or ""), (row["image_id"], row["error"])
+    assert summary.images == len(inputs) and summary.errors == 4 and summary.ok == len(inputs) - 4
+    assert summary.shards_total == 3 and summary.shards_committed == 3
+
+
+def test_decoding_conventions_reach_the_rows(finished_job):
+    _, _, _, store = finished_job
+    rows = {r["image_id"]: r for r in read_rows(store)}
+    assert (rows["k_exif.jpg"]["width"], rows["k_exif.jpg"]["height"]) == (80, 120)  # EXIF rotation applied
+    assert (rows["h_gray16.png"]["width"], rows["h_gray16.png"]["height"]) == (64, 48)
+
+
+def test_masks_equal_the_models_argmax_labels(finished_job, tiny_pooling1, reference):
+    spec, inputs, _, store = finished_job
+    for row in read_rows(store):
+        if row["status"] != "ok":
+            continue
+        expected, kept = model_labels(tiny_pooling1, inputs[row["image_id"]][0], 2, reference["text_features"], reference["classes"])
+        assert row["kept_classes"] == kept
+        actual = label_map_of(row)
+        assert (actual == expected).mean() > 0.999, row["image_id"]
+        for label in row["labels"]:
+            assert label["area"] == int((actual == label["class_id"]).sum())
+            assert 0 < label["mean_prob"] <= label["max_prob"] <= 1
+
+
+def test_coco_and_png_agree_with_parquet(finished_job):
+    spec, _, _, store = finished_job
+    rows = {r["image_index"]: r for r in read_rows(store) if r["status"] == "ok"}
+    coco = COCO(store.path(MERGED_COCO_FILE))
+    assert sorted(coco.getImgIds()) == sorted(rows)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == spec.taxonomy.classes
+    for index, row in rows.items():
+        expected = label_map_of(row)
+        for annotation in coco.loadAnns(coco.getAnnIds(imgIds=[index])):
+            assert annotation["iscrowd"] == 0 and annotation["score"] > 0
+            np.testing.assert_array_equal(coco.annToMask(annotation).astype(bool), expected == annotation["category_id"] - 1)
+        png = next(Path(store.path("png", row["shard_id"])).glob(f"{index:09d}_*.png"))
+        values = np.array(Image.open(png))
+        assert values.dtype == np.uint8
+        np.testing.assert_array_equal(np.where(expected == 65535, 255, expected), values)
+
+
+def test_job_record_and_nothing_to_do(finished_job):
+    spec, inputs, _, store = finished_job
+    record = store.read_json(JOB_FILE)
+    assert record["classes"] == spec.taxonomy.classes and record["images"] == len(inputs)
+    again = run_job(spec)
+    assert again.nothing_to_do and again.images == len(inputs) and again.shards_committed == 0
+
+
+def test_changed_settings_are_refused(finished_job):
+    spec, _, _, store = finished_job
+    changed = spec.model_copy(deep=True)
+    changed.taxonomy.classes = ["sky", "road"]
+    with pytest.raises(JobConflictError, match="different job"):
+        run_job(changed)
+    changed = spec.model_copy(deep=True)
+    changed.inference.top_k = None
+    with pytest.raises(JobConflictError):
+        run_job(changed)
+
+
+def test_resume_redoes_only_uncommitted_shards(tmp_path, reference):
+    inputs = write_inputs(tmp_path / "images")
+    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), inference__top_k=None)
+    run_job(spec)
+    store = OutputStore(spec.output.url)
+    before = {r["image_id"]: r for r in read_rows(store)}
+    # A crash after a shard's files but before its marker; and one before any file of another.
+    os.remove(store.path(COMMITTED_DIR, "000001.json"))
+    os.remove(store.path(COMMITTED_DIR, "000002.json"))
+    os.remove(store.path("labels", "000002.parquet"))
+    summary = run_job(spec)
+    assert summary.shards_done_before == 1 and summary.shards_committed == 2
+    after = read_rows(store)
+    assert sorted(r["image_id"] for r in after) == sorted(inputs)
+    for row in after:
+        assert row["labels"] == before[row["image_id"]]["labels"]
+        assert row["status"] == before[row["image_id"]]["status"]
+
+
+def test_memory_urls_for_input_and_output(reference):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    write_inputs_to_memory(fs)
+    spec = tiny_job(reference, f"memory://images-{id(fs)}/", f"memory://out-{id(fs)}/")
+    summary = run_job(spec)
+    assert summary.images == 12 and summary.errors == 4
+    rows = read_rows(OutputStore(spec.output.url))
+    assert len(rows) == 12
+
+
+def write_inputs_to_memory(fs):
+    from .conftest import job_inputs
+
+    inputs = job_inputs()
+    for name, (data, _, _) in inputs.items():
+        fs.pipe_file(f"/images-{id(fs)}/{name}", data)
+    return inputs
+
+
+def test_killed_job_resumes_without_duplicates(tmp_path, reference):
+    """Kill the CLI mid-job (SIGKILL, no cleanup), rerun: exactly one row per image."""
+    inputs = write_inputs(tmp_path / "images")
+    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    command = [sys.executable, "-m", "jobs.cli", "run", str(spec_file)]
+    markers = tmp_path / "out" / COMMITTED_DIR
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    committed_at_kill = len(list(markers.glob("*.json")))
+    assert 1 <= committed_at_kill < len(inputs), "the job should have been killed mid-way"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
+    rows = read_rows(OutputStore(spec.output.url))
+    assert sorted(r["image_id"] for r in rows) == sorted(inputs)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == len(inputs)
