@@ -24,11 +24,17 @@ def submission_runtime_env(spec: JobSpec, folder: Path) -> dict:
     carried = spec.model_copy(deep=True)
     carried.ray.address = "auto"
     (folder / SPEC_NAME).write_text(yaml.safe_dump(carried.model_dump(mode="json"), sort_keys=False))
-    return {"working_dir": str(folder), "py_modules": [sed_model, pipeline, schemas, jobs]}
+    packages = [str(Path(module.__file__).parent) for module in (sed_model, pipeline, schemas, jobs)]
+    return {"working_dir": str(folder), "py_modules": packages}
 
 
 def submit_job(
-    spec: JobSpec, address: str, wait: bool = False, echo: Callable[[str], None] = print, poll_seconds: float = 2.0
+    spec: JobSpec,
+    address: str,
+    wait: bool = False,
+    echo: Callable[[str], None] = print,
+    poll_seconds: float = 2.0,
+    agent_wait_seconds: float = 60.0,
 ) -> tuple[str, str]:
     """Submit; return (submission id, status). With `wait`, stream the logs until the job ends."""
     from ray.job_submission import JobSubmissionClient
@@ -36,7 +42,16 @@ def submit_job(
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="sed-label-submit-") as folder:
         runtime_env = submission_runtime_env(spec, Path(folder))
-        submission_id = client.submit_job(entrypoint=f"python -m jobs.cli run {SPEC_NAME}", runtime_env=runtime_env)
+        deadline = time.monotonic() + agent_wait_seconds
+        while True:
+            try:
+                submission_id = client.submit_job(entrypoint=f"python -m jobs.cli run {SPEC_NAME}", runtime_env=runtime_env)
+                break
+            except RuntimeError as exc:
+                # A head that has just started answers before its job agent is up; that passes.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_seconds)
     status = str(client.get_job_status(submission_id).value)
     if wait:
         printed = 0

@@ -37,7 +37,10 @@ class JobConflictError(RuntimeError):
 def redact(value: Any) -> Any:
     """Storage options may hold credentials: keep their keys, never their values."""
     if isinstance(value, dict):
-        return {k: (REDACTED if k == "storage_options" and v else redact(v)) for k, v in value.items()}
+        return {
+            k: ({option: REDACTED for option in v} if k == "storage_options" and isinstance(v, dict) else redact(v))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -22,10 +22,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
-        # Our own pixel limit replaces PIL's bomb heuristics; its warning would only be noise.
+        # Our own pixel limit (checked from the header below) replaces PIL's bomb heuristics.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = _open_unlimited(data)
         except UnidentifiedImageError:
             raise DecodeError("not an image: no known image format matches these bytes") from None
         except Image.DecompressionBombError as exc:
@@ -44,6 +44,16 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return _to_rgb(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DecodeError(f"corrupt or truncated image ({image.format}): {exc}") from None
+
+
+def _open_unlimited(data: bytes) -> Image.Image:
+    """`Image.open` without PIL's global pixel cap, which would override `max_pixels` upward."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -66,7 +66,8 @@ def _ray_init(spec: JobSpec) -> bool:
     if ray.is_initialized():
         return False
     if spec.ray.address is None:
-        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": always a new embedded instance, never a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=spec.ray.address, log_to_driver=False)
     return True

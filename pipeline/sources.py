@@ -100,7 +100,8 @@ def _tar_members(fs: Any, path: str, relative: str) -> list[ImageRef]:
         try:
             with tarfile.open(fileobj=f, mode="r:") as archive:
                 for member in archive:
-                    if member.isfile() and posixpath.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS:
+                    extension = posixpath.splitext(member.name)[1].lower()
+                    if member.isfile() and extension in IMAGE_EXTENSIONS and not _is_hidden(member.name):
                         refs.append(
                             ImageRef(f"{relative}/{member.name}", KIND_TAR, to_url(fs, path), member.offset_data, member.size)
                         )
@@ -125,14 +126,17 @@ def _parquet_rows(fs: Any, path: str, relative: str, spec: InputSpec) -> list[Im
 
 
 def _unique_ids(refs: list[ImageRef]) -> list[ImageRef]:
-    seen: dict[str, int] = {}
+    """Suffix repeated ids with `#1`, `#2`... never producing an id that is already taken."""
+    taken = {ref.image_id for ref in refs}
+    seen: set[str] = set()
     unique = []
     for ref in refs:
-        count = seen.get(ref.image_id, 0)
-        seen[ref.image_id] = count + 1
-        if count:
-            ref = ImageRef(f"{ref.image_id}#{count}", ref.kind, ref.source, ref.offset, ref.length)
-        unique.append(ref)
+        image_id, count = ref.image_id, 0
+        while image_id in seen or (count and image_id in taken):
+            count += 1
+            image_id = f"{ref.image_id}#{count}"
+        seen.add(image_id)
+        unique.append(ref if image_id == ref.image_id else ImageRef(image_id, ref.kind, ref.source, ref.offset, ref.length))
     return unique
 
 

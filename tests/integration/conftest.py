@@ -23,7 +23,7 @@ from tests.conftest import TINY_CHECKPOINT
 def local_ray():
     """One real local Ray for the session; jobs reuse it instead of starting their own."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -122,8 +122,8 @@ def s3_server():
     else:
         process.kill()
         raise RuntimeError("moto_server did not start")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    options = {"key": "testing-key-id", "secret": "testing-secret-value", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"  # s3fs creates buckets in the default region
+    options = {"key": "testing-key-id", "secret": "testing-secret-value", "client_kwargs": {"endpoint_url": endpoint}}
     yield options
     process.terminate()
     process.wait(timeout=10)

@@ -170,3 +170,30 @@ def test_killed_job_resumes_without_duplicates(tmp_path, reference):
     assert sorted(r["image_id"] for r in rows) == sorted(inputs)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == len(inputs)
+
+
+def test_tar_shards_and_parquet_inputs(tmp_path, reference):
+    """One job over a .tar shard and a Parquet file of image bytes, side by side in a folder."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .conftest import image_bytes
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    with tarfile.open(folder / "shard-0000.tar", "w") as archive:
+        for name, data in [("cat.jpg", image_bytes(64, 48, 10, "JPEG")), ("notes.txt", b"skip me"), ("bad.png", b"\x89PNG broken")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    table = pa.table({"key": ["p-1", "p-2"], "image": [image_bytes(50, 40, 11), image_bytes(40, 60, 12, "JPEG")]})
+    pq.write_table(table, folder / "part-0.parquet")
+    spec = tiny_job(reference, str(folder), str(tmp_path / "out"), input__id_column="key")
+    summary = run_job(spec)
+    rows = {r["image_id"]: r for r in read_rows(OutputStore(spec.output.url))}
+    assert sorted(rows) == ["p-1", "p-2", "shard-0000.tar/bad.png", "shard-0000.tar/cat.jpg"]
+    assert rows["shard-0000.tar/bad.png"]["status"] == "error"
+    assert (rows["p-2"]["width"], rows["p-2"]["height"]) == (40, 60)
+    assert summary.ok == 3 and summary.errors == 1

@@ -1,0 +1,99 @@
+"""The CLI's validation: bad specs and bad configuration refused before any work, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.spec import SpecError, load_job_spec
+from schemas.export import SCHEMA_PATH, job_schema_json
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_exported_json_schema_is_current():
+    assert SCHEMA_PATH.read_text() == job_schema_json(), "run `python -m schemas.export`"
+
+
+def demo_spec(tmp_path: Path) -> dict:
+    spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    spec["input"]["url"] = str(REPO / "jobs" / "demo_images")
+    spec["output"]["url"] = str(tmp_path / "out")
+    return spec
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_demo_spec_validates(tmp_path):
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path, demo_spec(tmp_path)))])
+    assert result.exit_code == 0, result.output
+    assert "valid (6 classes" in result.output
+
+
+def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    spec = demo_spec(tmp_path)
+    spec["output"]["url"] = "relative/out"
+    path = write_spec(tmp_path, spec)
+    monkeypatch.chdir(tmp_path)
+    assert load_job_spec(path).output.url == str(tmp_path / "relative" / "out")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["input"].update(colour="red"), "input.colour: Extra inputs are not permitted"),
+        (lambda s: s["inference"].update(batch_size="four"), "inference.batch_size"),
+        (lambda s: s["inference"].update(top_k=0), "inference.top_k"),
+        (lambda s: s.pop("output"), "output: Field required"),
+        (lambda s: s["taxonomy"].update(classes=[]), "at least one class"),
+        (lambda s: s["taxonomy"].update(classes=["sky", "sky"]), "duplicate class names: ['sky']"),
+        (lambda s: s["taxonomy"].update(templates=["a photo"]), "has no '{}'"),
+        (lambda s: s["output"].update(formats=["coco"]), "'parquet' must be among the formats"),
+        (lambda s: s["inference"].update(device="cuda"), "gpus_per_actor is 0"),
+    ],
+)
+def test_invalid_specs_name_the_field(tmp_path, change, message):
+    spec = demo_spec(tmp_path)
+    change(spec)
+    with pytest.raises(SpecError) as error:
+        load_job_spec(write_spec(tmp_path, spec))
+    assert message in str(error.value)
+    result = runner.invoke(app, ["validate", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, t: s["model"].update(clip_model="convnext_xxl"), "model.clip_model: unknown clip_model 'convnext_xxl'"),
+        (lambda s, t: s["model"].update(weights=str(t / "missing.pth")), "model.weights"),
+        (lambda s, t: s["taxonomy"].update(templates=["a photo of a {}."] * 3), "exactly 80 templates"),
+        (lambda s, t: s["taxonomy"].update(classes=str(t / "absent.json")), "taxonomy: cannot read"),
+        (lambda s, t: s["input"].update(url=str(t / "no-images-here")), "input.url"),
+        (lambda s, t: (t / "file").write_text("x") and s["output"].update(url=str(t / "file" / "out")), "output.url: cannot write"),
+    ],
+)
+def test_bad_configuration_is_refused_before_work(tmp_path, change, message):
+    spec = demo_spec(tmp_path)
+    change(spec, tmp_path)
+    result = runner.invoke(app, ["run", str(write_spec(tmp_path, spec))])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_taxonomy_from_a_text_file(tmp_path):
+    (tmp_path / "classes.txt").write_text("sky\nroad, street\n\nperson\n")
+    spec = demo_spec(tmp_path)
+    spec["taxonomy"]["classes"] = str(tmp_path / "classes.txt")
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
+    assert result.exit_code == 0 and "3 classes" in result.output, result.output

@@ -1,0 +1,337 @@
+"""pipeline.encode, pipeline.writers and pipeline.commit: masks -> RLE/PNG -> committed shard files.
+
+The model step's output is hand-made here (the columns SEDInference.__call__ returns), so no model,
+no Ray: label maps -> encode_labels -> ShardWriter -> Parquet + COCO + PNG + commit marker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from pipeline.commit import REDACTED, OutputStore, job_fingerprint, redact
+from pipeline.encode import encode_labels, encode_mask, encode_png
+from pipeline.infer import UNLABELED
+from pipeline.writers import ShardWriter, coco_images_and_annotations, safe_name
+from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_table
+
+CLASSES = ["sky", "tree", "road"]
+
+# pycocotools' own decode() trips a NumPy 2 deprecation inside the library; not ours to test.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+
+def decode_rle(counts: str, height: int, width: int) -> np.ndarray:
+    return mask_utils.decode({"size": [height, width], "counts": counts.encode()})
+
+
+def read_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+# encode_mask -------------------------------------------------------------------------------------------------
+
+
+def test_encode_mask_round_trips_with_area_and_bbox():
+    mask = np.zeros((7, 12), bool)  # non-square, so a transposed RLE would not round-trip
+    mask[2:5, 3:10] = True
+    mask[6, 0] = True
+    encoded = encode_mask(mask)
+    assert isinstance(encoded["rle_counts"], str)
+    np.testing.assert_array_equal(decode_rle(encoded["rle_counts"], 7, 12), mask.astype(np.uint8))
+    assert encoded["area"] == 22
+    assert encoded["bbox"] == [0.0, 2.0, 10.0, 5.0]  # [x, y, w, h] of the union
+
+
+def test_encode_mask_of_random_masks_round_trips():
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (5, 3), (16, 33)]:
+        mask = rng.random(shape) < 0.4
+        encoded = encode_mask(mask)
+        np.testing.assert_array_equal(decode_rle(encoded["rle_counts"], *shape), mask)
+        assert encoded["area"] == int(mask.sum())
+
+
+def test_encode_mask_empty():
+    encoded = encode_mask(np.zeros((4, 6), bool))
+    assert encoded["area"] == 0
+    assert encoded["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    assert not decode_rle(encoded["rle_counts"], 4, 6).any()
+
+
+# encode_png --------------------------------------------------------------------------------------------------
+
+
+def test_encode_png_uint8_with_255_for_unlabeled():
+    label_map = np.array([[0, 1, 2], [UNLABELED, 9, 0]], np.uint16)
+    image = Image.open(io.BytesIO(encode_png(label_map, num_classes=10)))
+    assert image.mode == "L"
+    values = np.asarray(image)
+    assert values.dtype == np.uint8
+    np.testing.assert_array_equal(values, [[0, 1, 2], [255, 9, 0]])
+
+
+def test_encode_png_uint8_up_to_254_classes():
+    label_map = np.array([[253, UNLABELED]], np.uint16)
+    values = read_png(encode_png(label_map, num_classes=254))
+    assert values.dtype == np.uint8
+    np.testing.assert_array_equal(values, [[253, 255]])
+
+
+def test_encode_png_uint16_with_65535_for_unlabeled_beyond_254_classes():
+    label_map = np.array([[0, 254, 299], [UNLABELED, 255, 1]], np.uint16)
+    values = read_png(encode_png(label_map, num_classes=300))
+    assert values.dtype == np.uint16
+    np.testing.assert_array_equal(values, [[0, 254, 299], [65535, 255, 1]])
+
+
+# safe_name ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image_id",
+    [
+        "../../etc/passwd",
+        "/abs/x.jpg",
+        "a b/ünïcode 名前.png",
+        "..",
+        ".",
+        "dir/..",
+        "....png",
+        "C:\\Windows\\..\\x.png",
+        "名前.png",
+        "x" * 500 + ".jpg",
+        "",
+    ],
+)
+def test_safe_name_is_one_harmless_relative_component(image_id):
+    name = safe_name(7, image_id)
+    assert "/" not in name and "\\" not in name
+    assert name not in ("", ".", "..") and not name.startswith(".")
+    assert not os.path.isabs(name)
+    assert name.isascii()
+    assert len(name) <= 9 + 1 + 80  # index, '_', capped stem
+    assert name.startswith("000000007")
+
+
+def test_safe_name_keeps_a_readable_stem():
+    assert safe_name(3, "photos/2024/IMG 0001.JPG") == "000000003_IMG_0001"
+
+
+def test_safe_name_caps_long_names():
+    assert len(safe_name(1, "y" * 500 + ".png")) == 9 + 1 + 80
+    assert len(safe_name(1, "y" * 500 + ".png", max_length=20)) == 9 + 1 + 20
+
+
+def test_safe_name_same_basename_different_images_get_different_names():
+    assert safe_name(1, "a/img.png") != safe_name(2, "b/img.png")
+    # Even names that sanitise to the same stem stay distinct through the index.
+    assert safe_name(1, "ünï.png") != safe_name(2, "äöü.png")
+
+
+# coco_images_and_annotations --------------------------------------------------------------------------------
+
+
+def test_coco_skips_error_rows_and_offsets_category_ids():
+    mask = np.zeros((3, 4), bool)
+    mask[1, 1:3] = True
+    label = {"class_id": 0, "mean_prob": 0.5, "max_prob": 0.9, **encode_mask(mask)}
+    rows = [
+        {"image_index": 3, "image_id": "a.png", "status": STATUS_OK, "width": 4, "height": 3,
+         "labels": [label, {**label, "class_id": 2}]},
+        {"image_index": 4, "image_id": "b.png", "status": STATUS_ERROR, "width": None, "height": None, "labels": None},
+        {"image_index": 5, "image_id": "c.png", "status": STATUS_OK, "width": 4, "height": 3, "labels": [label]},
+    ]
+    images, annotations = coco_images_and_annotations(rows, num_classes=3)
+    assert [i["id"] for i in images] == [3, 5]
+    assert images[0] == {"id": 3, "file_name": "a.png", "width": 4, "height": 3}
+    assert [a["image_id"] for a in annotations] == [3, 3, 5]
+    assert [a["category_id"] for a in annotations] == [1, 3, 1]
+    assert len({a["id"] for a in annotations}) == 3 and all(a["id"] >= 1 for a in annotations)  # COCO ids > 0
+    assert annotations[0]["segmentation"] == {"size": [3, 4], "counts": label["rle_counts"]}
+    assert annotations[0]["area"] == 2 and annotations[0]["bbox"] == [1.0, 1.0, 2.0, 1.0]
+
+
+# ShardWriter + OutputStore -------------------------------------------------------------------------------------
+
+
+def model_output(shard: str = "000003") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Two rows as SEDInference.__call__ returns them: image 7 labelled, image 6 an error row.
+
+    Rows are deliberately out of image_index order: writers must sort them.
+    """
+    label_map = np.full((5, 8), 2, np.uint16)  # H=5, W=8
+    label_map[:2, :3] = 0
+    label_map[4, 7] = UNLABELED
+
+    def objects(*values):
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+
+    batch = {
+        "image_index": np.array([7, 6], np.int64),
+        "image_id": objects("dir/b.png", "dir/a.png"),
+        "shard_id": objects(shard, shard),
+        "source": objects("/data/dir/b.png", "/data/dir/a.png"),
+        "status": objects(STATUS_OK, STATUS_ERROR),
+        "error": objects("", "not an image: no known image format matches these bytes"),
+        "width": np.array([8, 0], np.int32),
+        "height": np.array([5, 0], np.int32),
+        "label_map": objects(label_map, np.zeros((1, 1), np.uint16)),
+        "class_ids": objects(np.array([0, 2], np.int32), np.zeros(0, np.int32)),
+        "mean_probs": objects(np.array([0.6, 0.8], np.float32), np.zeros(0, np.float32)),
+        "max_probs": objects(np.array([0.7, 0.95], np.float32), np.zeros(0, np.float32)),
+        "kept_classes": objects(np.array([0, 1, 2], np.int32), np.zeros(0, np.int32)),
+        "unlabeled_area": np.array([1, 0], np.int64),
+    }
+    return batch, label_map
+
+
+def test_encode_labels_rows():
+    batch, label_map = model_output()
+    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", write_png=True)
+    rows = table.to_pylist()
+    ok, error = rows
+    assert [label["class_id"] for label in ok["labels"]] == [0, 2]
+    assert [label["area"] for label in ok["labels"]] == [6, 33]
+    assert ok["labels"][1]["mean_prob"] == pytest.approx(0.8)
+    assert (ok["width"], ok["height"], ok["unlabeled_area"], ok["kept_classes"]) == (8, 5, 1, [0, 1, 2])
+    assert ok["error"] is None and ok["schema_version"] == LABELS_SCHEMA_VERSION
+    np.testing.assert_array_equal(read_png(ok["label_png"]), np.where(label_map == UNLABELED, 255, label_map))
+    assert error["labels"] is None and error["label_png"] is None and error["width"] is None
+    assert error["error"].startswith("not an image")
+    assert encode_labels(batch, len(CLASSES), "tax", "ckpt", write_png=False).column("label_png").null_count == 2
+
+
+def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
+    shard = "000003"
+    batch, label_map = model_output(shard)
+    table = encode_labels(batch, len(CLASSES), "tax-hash", "ckpt-hash", write_png=True)
+    store = OutputStore(str(tmp_path / "out"))
+    writer = ShardWriter(store, shard, 2, ["parquet", "coco", "png"], CLASSES, {"sed_label.classes": json.dumps(CLASSES)})
+    writer.add(table.slice(0, 1))  # rows stream in, in any order
+    assert not writer.complete
+    writer.add(table.slice(1, 1))
+    assert writer.complete
+    stats = writer.commit()
+    out = tmp_path / "out"
+
+    # Parquet: the labels schema exactly, with its version in the metadata, rows sorted by image_index.
+    parquet = pq.read_table(out / "labels" / f"{shard}.parquet")
+    assert parquet.schema.names == LABELS_SCHEMA.names
+    assert parquet.schema.equals(LABELS_SCHEMA, check_metadata=False)
+    metadata = parquet.schema.metadata
+    assert metadata[b"sed_label.schema_version"] == str(LABELS_SCHEMA_VERSION).encode()
+    assert json.loads(metadata[b"sed_label.classes"]) == CLASSES
+    read_labels_table(parquet)  # the project's own reader accepts it
+    assert parquet.column("image_index").to_pylist() == [6, 7]
+    assert parquet.column("status").to_pylist() == [STATUS_ERROR, STATUS_OK]
+    assert "label_png" not in parquet.schema.names
+
+    # COCO: loadable by pycocotools; each annotation's mask is the label map's pixels of its class.
+    coco = COCO(str(out / "coco" / f"{shard}.json"))
+    assert sorted(coco.imgs) == [7]  # the error row has no COCO image
+    assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())} == {1: "sky", 2: "tree", 3: "road"}
+    annotations = coco.loadAnns(coco.getAnnIds(imgIds=[7]))
+    assert sorted(a["category_id"] for a in annotations) == [1, 3]
+    for annotation in annotations:
+        expected = label_map == annotation["category_id"] - 1
+        np.testing.assert_array_equal(coco.annToMask(annotation), expected.astype(np.uint8))
+        assert annotation["area"] == int(expected.sum())
+
+    # PNG: only for the ok row, named safely, 255 where unlabeled.
+    pngs = sorted((out / "png" / shard).iterdir())
+    assert [p.name for p in pngs] == [f"{safe_name(7, 'dir/b.png')}.png"]
+    np.testing.assert_array_equal(read_png(pngs[0].read_bytes()), np.where(label_map == UNLABELED, 255, label_map))
+
+    # The marker is written last and counts the rows.
+    marker = json.loads((out / "_committed" / f"{shard}.json").read_text())
+    assert (marker["images"], marker["ok"], marker["errors"]) == (2, 1, 1)
+    assert marker["files"][0] == f"labels/{shard}.parquet"
+    assert set(marker["files"]) == {f"labels/{shard}.parquet", f"coco/{shard}.json", f"png/{shard}/{pngs[0].name}"}
+    assert stats["ok"] == 1 and stats["errors"] == 1
+    assert list(store.committed_shards()) == [shard]
+    assert store.committed_shards()[shard]["ok"] == 1
+    # No temporary files are left behind by the atomic writes.
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_shard_writer_without_coco_or_png_writes_only_parquet(tmp_path):
+    batch, _ = model_output("000000")
+    store = OutputStore(str(tmp_path))
+    writer = ShardWriter(store, "000000", 2, ["parquet"], CLASSES, {})
+    writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
+    assert writer.commit()["files"] == ["labels/000000.parquet"]
+    assert not (tmp_path / "coco").exists() and not (tmp_path / "png").exists()
+
+
+def test_shard_writer_refuses_more_rows_than_expected(tmp_path):
+    batch, _ = model_output()
+    writer = ShardWriter(OutputStore(str(tmp_path)), "000003", 1, ["parquet"], CLASSES, {})
+    with pytest.raises(RuntimeError, match="2 rows for 1 images"):
+        writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
+
+
+def test_committed_shards_is_empty_before_any_commit(tmp_path):
+    assert OutputStore(str(tmp_path / "fresh")).committed_shards() == {}
+
+
+# redact and job_fingerprint ---------------------------------------------------------------------------------------
+
+
+def secret_spec() -> dict:
+    return {
+        "input": {"url": "s3://bucket/in", "storage_options": {"key": "AKIA-INPUT", "secret": "s3cr3t-input"}},
+        "taxonomy": {"classes": ["a"], "storage_options": {"token": "tok-tax"}},
+        "model": {"weights": "s3://w.pth", "storage_options": {"client_kwargs": {"aws_secret_access_key": "deep-secret"}}},
+        "output": {"url": "s3://bucket/out", "storage_options": {}},
+        "extra": [{"storage_options": {"password": "in-a-list"}}],
+    }
+
+
+def test_redact_hides_every_storage_option_value():
+    spec = secret_spec()
+    redacted = redact(spec)
+    text = json.dumps(redacted)
+    for secret in ("AKIA-INPUT", "s3cr3t-input", "tok-tax", "deep-secret", "in-a-list"):
+        assert secret not in text
+    assert redacted["input"]["url"] == "s3://bucket/in"  # everything else is kept
+    assert redacted["taxonomy"]["classes"] == ["a"]
+    assert redacted["output"]["storage_options"] == {}
+    assert spec == secret_spec()  # the input is not modified in place
+
+
+def test_redact_keeps_storage_option_keys():
+    redacted = redact(secret_spec())
+    assert redacted["input"]["storage_options"] == {"key": REDACTED, "secret": REDACTED}
+
+
+def job_spec(**input_overrides) -> JobSpec:
+    return JobSpec(
+        input={"url": "s3://bucket/in", **input_overrides},
+        taxonomy={"classes": ["a", "b"]},
+        model={"weights": None},
+        output={"url": "/tmp/out"},
+    )
+
+
+def test_job_fingerprint_ignores_credentials_and_batch_size_but_not_inputs():
+    base = job_fingerprint(job_spec(), "tax", "ckpt")
+    assert job_fingerprint(job_spec(storage_options={"key": "k", "secret": "s"}), "tax", "ckpt") == base
+    bigger_batches = job_spec()
+    bigger_batches.inference.batch_size = 64
+    assert job_fingerprint(bigger_batches, "tax", "ckpt") == base
+    assert job_fingerprint(job_spec(url="s3://bucket/other"), "tax", "ckpt") != base
+    assert job_fingerprint(job_spec(shard_size=8), "tax", "ckpt") != base
+    assert job_fingerprint(job_spec(), "tax2", "ckpt") != base
+    assert job_fingerprint(job_spec(), "tax", "ckpt2") != base
