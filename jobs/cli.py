@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 
 from pipeline.preflight import PreflightError, preflight
+from pipeline.report import build_report
+from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
 
 from .spec import SpecError, load_job_spec
@@ -79,6 +81,49 @@ def submit(
     typer.echo(f"submitted {submission_id} to {address}: {status}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(code=1)
+
+
+def _options(text: str | None, name: str) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{name} must be a JSON object: {exc}")
+    if not isinstance(value, dict):
+        _fail(f"{name} must be a JSON object")
+    return value
+
+
+@app.command()
+def report(
+    output_url: str = typer.Argument(..., help="a job's output folder (any fsspec URL)"),
+    ground_truth: str = typer.Option(None, help="folder of label maps named like the images (a/b.jpg -> a/b.png)"),
+    legacy_miou: bool = typer.Option(False, help="count classes predicted but absent from the ground truth (IoU 0)"),
+    gallery: int = typer.Option(8, min=0, help="images in each gallery"),
+    storage_options: str = typer.Option(None, help="fsspec options for the output, as JSON"),
+    input_storage_options: str = typer.Option(None, help="fsspec options for re-reading the source images, as JSON"),
+    ground_truth_storage_options: str = typer.Option(None, help="fsspec options for the ground truth, as JSON"),
+) -> None:
+    """Write report.json and a self-contained report.html beside a job's outputs."""
+    try:
+        result = build_report(
+            output_url,
+            storage_options=_options(storage_options, "--storage-options"),
+            input_storage_options=_options(input_storage_options, "--input-storage-options"),
+            ground_truth=ground_truth,
+            ground_truth_options=_options(ground_truth_storage_options, "--ground-truth-storage-options"),
+            semantics="legacy" if legacy_miou else "detectron2",
+            gallery_size=gallery,
+        )
+    except ReportError as exc:
+        _fail(str(exc))
+    labels = result["labels"]
+    typer.echo(f"{labels['images']} images ({labels['ok']} ok, {labels['errors']} errors) in {result['shards_committed']} shards")
+    if "ground_truth" in result and result["ground_truth"].get("metrics"):
+        metrics = result["ground_truth"]["metrics"]
+        typer.echo(f"ground truth ({result['ground_truth']['images']} images): mIoU {metrics['mIoU']:.2f}, pACC {metrics['pACC']:.2f}")
+    typer.echo(f"report: {output_url.rstrip('/')}/{REPORT_HTML}")
 
 
 if __name__ == "__main__":

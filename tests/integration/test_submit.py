@@ -23,14 +23,21 @@ def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}")
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     dashboard = free_port()
+    # Every port chosen free: the session's own local Ray already holds Ray's default agent ports,
+    # and a head whose job agent cannot bind answers every submission "No available agent".
+    ports = [
+        f"--{name}={free_port()}"
+        for name in ("port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                     "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")
+    ]
     head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"],
+        [f"{bin_dir}/ray", "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", *ports],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
-    while subprocess.run([f"{bin_dir}/ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+    while subprocess.run([f"{bin_dir}/ray", "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode:
         if time.monotonic() > deadline or head.poll() is not None:
             os.killpg(head.pid, signal.SIGKILL)
             raise RuntimeError("the Ray head's job server did not come up")

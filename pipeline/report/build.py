@@ -1,0 +1,175 @@
+"""`build_report`: read a job's outputs through fsspec, write `report.json` and `report.html`."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from jinja2 import Environment, PackageLoader, select_autoescape
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from ..commit import JOB_FILE, OutputStore
+from ..decode import DecodeError, decode_image
+from ..evaluate import SemSegEvaluator
+from ..infer import UNLABELED
+from ..sources import read_images
+from ..storage import filesystem
+from . import figures
+from .stats import ImageSummary, LabelStatistics
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+GROUND_TRUTH_EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+class ReportError(RuntimeError):
+    """An output folder that holds no job results to report on."""
+
+
+def label_map_of(row: dict[str, Any]) -> np.ndarray:
+    """The row's label map (unlabeled = 65535), decoded from its RLE masks."""
+    labels = np.full((row["height"], row["width"]), UNLABELED, dtype=np.uint16)
+    for label in row["labels"]:
+        rle = {"size": [row["height"], row["width"]], "counts": label["rle_counts"].encode()}
+        labels[mask_utils.decode(rle).astype(bool)] = label["class_id"]
+    return labels
+
+
+class _GroundTruth:
+    """Label maps named like the images (`a/b.jpg` -> `a/b.png`), compared with the labels."""
+
+    def __init__(self, url: str, classes: list[str], storage_options: dict[str, Any], semantics: str) -> None:
+        self.fs, self.root = filesystem(url, storage_options)
+        self.root = self.root.rstrip("/")
+        self.evaluators: dict[int, SemSegEvaluator] = {}
+        self.classes = classes
+        self.semantics = semantics
+        self.matched = 0
+        self.missing: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        stem = posixpath.splitext(row["image_id"])[0]
+        for extension in GROUND_TRUTH_EXTENSIONS:
+            path = f"{self.root}/{stem}{extension}"
+            if self.fs.exists(path):
+                break
+        else:
+            if len(self.missing) < 20:
+                self.missing.append(row["image_id"])
+            return
+        with self.fs.open(path, "rb") as f:
+            truth = np.array(Image.open(f))
+        if truth.shape != (row["height"], row["width"]):
+            raise ReportError(
+                f"ground truth {path} has shape {truth.shape}; expected a single-channel label map of "
+                f"shape ({row['height']}, {row['width']}) like its image"
+            )
+        ignore = 255 if truth.dtype == np.uint8 else 65535
+        evaluator = self.evaluators.setdefault(ignore, SemSegEvaluator(self.classes, ignore_label=ignore, semantics=self.semantics))
+        evaluator.process(label_map_of(row), truth)
+        self.matched += 1
+
+    def results(self) -> dict[str, Any]:
+        if not self.evaluators:
+            return {"images": 0, "missing_examples": self.missing}
+        evaluator = next(iter(self.evaluators.values()))
+        for other in list(self.evaluators.values())[1:]:
+            evaluator.confusion += other.confusion
+        metrics = evaluator.evaluate()
+        return {
+            "images": self.matched,
+            "semantics": self.semantics,
+            "metrics": {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in metrics.items()},
+            "confusion_pairs": evaluator.confusion_pairs(10),
+            "missing_examples": self.missing,
+        }
+
+
+def _gallery(store: OutputStore, entries: list[ImageSummary], colours: np.ndarray, classes: list[str], options: dict) -> list[dict]:
+    """Overlays for some images: the source is read again through the job's plan."""
+    if not entries:
+        return []
+    plan = store.read_plan()
+    wanted = plan.filter(pc.is_in(plan.column("image_index"), pc.cast([e.image_index for e in entries], "int64")))
+    plan_rows = {r["image_index"]: r for r in wanted.to_pylist()}
+    data = read_images([dict(plan_rows[e.image_index], inline=None) for e in entries], options.get("image_column", "image"), options.get("storage_options", {}))
+    items = []
+    for entry, value in zip(entries, data):
+        item = {"image_id": entry.image_id, "confidence": entry.confidence, "picture": None, "legend": []}
+        try:
+            if isinstance(value, Exception):
+                raise DecodeError(str(value))
+            image = decode_image(value, options.get("max_pixels", 100_000_000))
+            item["picture"] = figures.overlay(image, label_map_of(entry.row), colours, int(UNLABELED))
+        except DecodeError as exc:
+            item["unavailable"] = f"source not readable for the gallery: {exc}"
+        for label in sorted(entry.row["labels"], key=lambda l: -l["area"]):
+            colour = "#%02x%02x%02x" % tuple(int(v) for v in colours[label["class_id"]])
+            item["legend"].append({"name": classes[label["class_id"]], "colour": colour, "area": label["area"]})
+        items.append(item)
+    return items
+
+
+def build_report(
+    output_url: str,
+    storage_options: dict[str, Any] | None = None,
+    input_storage_options: dict[str, Any] | None = None,
+    ground_truth: str | None = None,
+    ground_truth_options: dict[str, Any] | None = None,
+    semantics: str = "detectron2",
+    gallery_size: int = 8,
+) -> dict[str, Any]:
+    """Summarise a finished or partly finished job; returns what `report.json` holds.
+
+    `storage_options` are for the output folder, `input_storage_options` for reading the source
+    images of the gallery again, `ground_truth_options` for the ground-truth label maps.
+    """
+    store = OutputStore(output_url, storage_options)
+    record = store.read_json(JOB_FILE)
+    if record is None:
+        raise ReportError(f"{output_url} holds no sed-label job (no {JOB_FILE})")
+    classes = record["classes"]
+    stats = LabelStatistics(classes, gallery_size=gallery_size)
+    truth = _GroundTruth(ground_truth, classes, ground_truth_options or {}, semantics) if ground_truth else None
+    markers = store.committed_shards()
+    for shard, marker in sorted(markers.items()):
+        with store.fs.open(store.path(marker["files"][0]), "rb") as f:
+            table = pq.read_table(f)
+        for row in table.to_pylist():
+            stats.add_row(row)
+            if truth is not None and row["status"] == "ok":
+                truth.add(row)
+    report = {
+        "output_url": output_url,
+        "shards_committed": len(markers),
+        "images_planned": record["images"],
+        "complete": stats.images == record["images"],
+        "labels": stats.to_dict(),
+    }
+    if truth is not None:
+        report["ground_truth"] = {"url": ground_truth, **truth.results()}
+    colours = figures.class_colours(len(classes))
+    # job.json keeps no credentials: the gallery reads the sources with the caller's options.
+    input_options = {**record["spec"]["input"], "storage_options": input_storage_options or {}}
+    page = {
+        "report": report,
+        "charts": {
+            "class_share": figures.class_share_chart(stats),
+            "histograms": figures.probability_histograms(stats),
+            "kept": figures.kept_classes_chart(stats),
+            "throughput": figures.throughput_chart(stats),
+        },
+        "least_confident": _gallery(store, stats.least_confident, colours, classes, input_options),
+        "random_sample": _gallery(store, stats.random_sample, colours, classes, input_options),
+        "spec_json": json.dumps(record["spec"], indent=2),
+    }
+    environment = Environment(loader=PackageLoader("pipeline.report", "templates"), autoescape=select_autoescape(["html"]))
+    html = environment.get_template("report.html").render(**page)
+    store.write_json(REPORT_JSON, report)
+    store.write(REPORT_HTML, html.encode("utf-8"))
+    return report

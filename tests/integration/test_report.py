@@ -1,0 +1,108 @@
+"""`sed-label report` over a real small job: statistics, agreement with ground truth, escaping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline import OutputStore, run_job
+
+from .conftest import image_bytes, tiny_job
+from .helpers import label_map_of, read_rows
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attributes: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.attributes.append((tag, dict(attrs)))
+
+
+@pytest.fixture(scope="module")
+def job_with_truth(tmp_path_factory, reference, local_ray):
+    root = tmp_path_factory.mktemp("report")
+    images = root / "images"
+    images.mkdir()
+    for i in range(5):
+        (images / f"street_{i}.png").write_bytes(image_bytes(96 + 8 * i, 72, 20 + i))
+    (images / HOSTILE).write_bytes(image_bytes(64, 64, 30))
+    (images / "<svg onload=alert('x')>.jpg").write_bytes(b"not an image at all")
+    spec = tiny_job(reference, str(images), str(root / "out"), input__shard_size=3)
+    run_job(spec)
+    rows = read_rows(OutputStore(spec.output.url))
+    # Ground truth: the labels themselves for two images, a constant map for one; none for the rest.
+    truth = root / "truth"
+    truth.mkdir()
+    by_id = {r["image_id"]: r for r in rows}
+    for name in ("street_0.png", "street_1.png"):
+        Image.fromarray(label_map_of(by_id[name]).astype(np.uint8)).save(truth / name)
+    constant = np.zeros((by_id["street_2.png"]["height"], by_id["street_2.png"]["width"]), np.uint8)
+    Image.fromarray(constant).save(truth / "street_2.png")
+    return spec, rows, truth
+
+
+def test_report_statistics_and_ground_truth(job_with_truth):
+    spec, rows, truth = job_with_truth
+    result = CliRunner().invoke(app, ["report", spec.output.url, "--ground-truth", str(truth)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(Path(spec.output.url, "report.json").read_text())
+    labels = report["labels"]
+    assert labels["images"] == 7 and labels["ok"] == 6 and labels["errors_by_reason"] == {"not an image": 1}
+    assert report["complete"] and sum(c["images"] for c in labels["classes"]) == sum(len(r["labels"] or []) for r in rows)
+    assert sum(sum(c["mean_prob_histogram"]) for c in labels["classes"]) == sum(len(r["labels"] or []) for r in rows)
+    assert sum(labels["kept_classes_per_image"].values()) == 6
+    assert abs(sum(c["pixel_share"] for c in labels["classes"]) + labels["unlabeled_share"] - 1) < 1e-9
+    gt = report["ground_truth"]
+    assert gt["images"] == 3 and len(gt["missing_examples"]) == 3
+    # Class 0 is the only ground truth of street_2: its IoU is below 100, every other present class is 100.
+    metrics = gt["metrics"]
+    assert metrics["pACC"] < 100 and metrics["IoU-" + spec.taxonomy.classes[0]] < 100
+    assert "mIoU" in result.output
+
+
+def test_html_is_self_contained_and_escapes_data(job_with_truth):
+    spec, _, truth = job_with_truth
+    CliRunner().invoke(app, ["report", spec.output.url])
+    html = Path(spec.output.url, "report.html").read_text()
+    parser = _Tags()
+    parser.feed(html)
+    for tag, attributes in parser.attributes:
+        assert not any(name.startswith("on") for name in attributes), (tag, attributes)
+        assert tag != "script"
+        for name in ("src", "href"):
+            assert not attributes.get(name) or attributes[name].startswith("data:"), (tag, attributes)
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in html
+    assert "&lt;svg onload=alert(&#39;x&#39;)&gt;.jpg" in html  # in the error table
+    assert sum(tag == "img" and a.get("src", "").startswith("data:image/jpeg") for tag, a in parser.attributes) >= 6
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium_without_console_errors(job_with_truth, tmp_path):
+    spec, _, _ = job_with_truth
+    CliRunner().invoke(app, ["report", spec.output.url])
+    page = Path(spec.output.url, "report.html")
+    screenshot = tmp_path / "report.png"
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = subprocess.run(common + [f"--screenshot={screenshot}", "--window-size=1200,3000", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert screenshot.exists() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    dumped = subprocess.run(common + ["--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert "Pseudo-label report" in dumped.stdout
+    console_errors = [line for line in dumped.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert not console_errors, console_errors
