@@ -6,12 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pycocotools import mask as mask_utils
 
 import sed_model
 from pipeline.commit import OutputStore
 from pipeline.decode import decode_image
-from pipeline.infer import UNLABELED
+from pipeline.report.build import label_map_of  # noqa: F401  (re-exported for the tests)
 
 
 def read_rows(store: OutputStore) -> list[dict]:
@@ -21,14 +20,6 @@ def read_rows(store: OutputStore) -> list[dict]:
         with store.fs.open(store.path(marker["files"][0]), "rb") as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables).to_pylist() if tables else []
-
-
-def label_map_of(row: dict) -> np.ndarray:
-    labels = np.full((row["height"], row["width"]), UNLABELED, dtype=np.uint16)
-    for label in row["labels"]:
-        rle = {"size": [row["height"], row["width"]], "counts": label["rle_counts"].encode()}
-        labels[mask_utils.decode(rle).astype(bool)] = label["class_id"]
-    return labels
 
 
 def model_labels(model: sed_model.SED, data: bytes, top_k: int | None, text: torch.Tensor, classes: list[str]) -> tuple[np.ndarray, list[int]]:
