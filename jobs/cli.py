@@ -71,13 +71,14 @@ def submit(
     job: Path = typer.Argument(..., help="job spec (YAML)"),
     address: str = typer.Option(..., help="Ray job server, e.g. http://HEAD:8265"),
     wait: bool = typer.Option(False, help="follow the job's logs until it ends"),
+    agent_wait: float = typer.Option(120.0, help="seconds to retry while a starting head has no job agent yet"),
 ) -> None:
     """Submit the job to a Ray cluster through Ray's job submission API."""
     try:
         spec = load_job_spec(job)
     except SpecError as exc:
         _fail(str(exc))
-    submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo)
+    submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo, agent_wait_seconds=agent_wait)
     typer.echo(f"submitted {submission_id} to {address}: {status}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(code=1)

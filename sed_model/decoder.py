@@ -154,6 +154,10 @@ class DoubleConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.double_conv(x)
 
+    def after_first_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of the block, for callers that compute the first conv themselves (`UpStage`)."""
+        return self.double_conv[1:](x)
+
 
 class UpStage(nn.Module):
     """ConvNeXt block, class attention, 2x up-sampling, fusion with both guidances, double conv."""
@@ -175,9 +179,30 @@ class UpStage(nn.Module):
     ) -> torch.Tensor:
         x = self.attention(self.cnext(x), rows.counts, pooling)
         x = self.up(x)
-        # Appearance guidance is per image: every row of an image sees the same map.
-        x = torch.cat([x, appearance[rows.image_index], correlation], dim=1)
-        return self.conv(x)
+        return self.conv.after_first_conv(self._fuse(x, appearance, correlation, rows))
+
+    def _fuse(self, x: torch.Tensor, appearance: torch.Tensor, correlation: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """First fusion conv on concat([upsampled, appearance, correlation]), without repeating appearance.
+
+        The paper concatenates the image's appearance guidance to every class's features. That conv
+        has no bias, so it is the sum of convs over the three parts: the appearance part is computed
+        once per image and added to each of the image's rows (saving its FLOPs and the repeated
+        tensor), while the per-class parts run as one conv.
+        """
+        conv = self.conv.double_conv[0]
+        c_up, g_app = x.shape[1], appearance.shape[1]
+        weight = conv.weight
+        per_class = F.conv2d(
+            torch.cat([x, correlation], dim=1),
+            torch.cat([weight[:, :c_up], weight[:, c_up + g_app :]], dim=1),
+            padding=conv.padding,
+        )
+        per_image = F.conv2d(appearance, weight[:, c_up : c_up + g_app], padding=conv.padding)
+        start = 0
+        for i, count in enumerate(rows.counts):
+            per_class.narrow(0, start, count).add_(per_image[i])
+            start += count
+        return per_class
 
 
 class SEDDecoder(nn.Module):

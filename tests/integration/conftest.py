@@ -19,9 +19,13 @@ from schemas import JobSpec
 from tests.conftest import TINY_CHECKPOINT
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One real local Ray for the session; jobs reuse it instead of starting their own."""
+    """A real local Ray per test module; the module's jobs reuse it instead of starting their own.
+
+    Per module, not per session: no Ray of ours runs while the submission test starts a head, and
+    none is left to shut down at interpreter exit.
+    """
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
