@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 
+from pipeline.benchmark import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
+from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
 from pipeline.preflight import PreflightError, preflight
 from pipeline.report import build_report
 from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
+from pipeline.storage import StorageError
+from schemas import ModelSpec, RaySpec
 
 from .spec import SpecError, load_job_spec
 from .submit import submit_job
@@ -125,6 +130,78 @@ def report(
         metrics = result["ground_truth"]["metrics"]
         typer.echo(f"ground truth ({result['ground_truth']['images']} images): mIoU {metrics['mIoU']:.2f}, pACC {metrics['pACC']:.2f}")
     typer.echo(f"report: {output_url.rstrip('/')}/{REPORT_HTML}")
+
+
+@app.command()
+def prepare(
+    name: str = typer.Argument(..., help=f"the dataset: {', '.join(DATASETS)}"),
+    raw_root: str = typer.Argument(..., help="the official download's folder (any fsspec URL); README lists which one"),
+    output: str = typer.Option(None, help="where the prepared dataset goes (default: datasets/NAME)"),
+    split: str = typer.Option(None, help="coco-stuff-171 only: val2017 (default) or train2017"),
+    storage_options: str = typer.Option(None, help="fsspec options for RAW_ROOT, as JSON"),
+    output_storage_options: str = typer.Option(None, help="fsspec options for --output, as JSON"),
+    limit: int = typer.Option(None, min=1, help="convert only the first N images (a quick check of a download)"),
+) -> None:
+    """Turn an official benchmark download into label maps exactly as the SED paper prepared them."""
+    try:
+        prepare_dataset(
+            name,
+            raw_root,
+            output or f"datasets/{name}",
+            split=split,
+            storage_options=_options(storage_options, "--storage-options"),
+            output_storage_options=_options(output_storage_options, "--output-storage-options"),
+            limit=limit,
+            progress=typer.echo,
+        )
+    except (DatasetError, StorageError) as exc:
+        _fail(str(exc))
+
+
+@app.command("eval")
+def evaluate_benchmark(
+    dataset: str = typer.Option(..., help=f"the dataset: {', '.join(DATASETS)}"),
+    root: str = typer.Option(..., help="the folder `sed-label prepare` wrote (any fsspec URL)"),
+    weights: str = typer.Option(..., help="SED checkpoint: the paper's .pth or a .safetensors (any fsspec URL)"),
+    model: str = typer.Option("convnext_b", help="convnext_b, convnext_l, or a path to a JSON OpenCLIP config"),
+    top_k: int = typer.Option(None, min=1, help="category early rejection (8: the paper's fast rows); default exact"),
+    limit: int = typer.Option(None, min=1, help="evaluate only the first N images"),
+    output: str = typer.Option(None, help="also write the metrics as JSON here"),
+    batch_size: int = typer.Option(4, min=1, help="images per model call"),
+    num_actors: int = typer.Option(1, min=1, help="model actors (one SED each)"),
+    gpus_per_actor: float = typer.Option(0, min=0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    address: str = typer.Option(None, help="a Ray cluster ('auto', ray://HOST:PORT); default: an embedded local Ray"),
+    storage_options: str = typer.Option(None, help="fsspec options for --root, as JSON"),
+) -> None:
+    """Evaluate SED on a prepared benchmark under the paper's protocol; print mIoU beside the paper's."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        settings = BenchmarkSettings(
+            dataset=dataset,
+            root=root,
+            # Actors may run in another directory: a relative local path means "from here".
+            model=ModelSpec(clip_model=model_from_argument(model), weights=weights if "://" in weights else os.path.abspath(weights)),
+            top_k=top_k,
+            batch_size=batch_size,
+            limit=limit,
+            device=device,
+            ray=RaySpec(address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor),
+            storage_options=_options(storage_options, "--storage-options"),
+        )
+        result = run_benchmark(settings, progress=typer.echo)
+        if output is not None:
+            save_result(result, output)
+    except (BenchmarkError, DatasetError, StorageError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # model, checkpoint or Ray failures end the command with their message
+        _fail(f"{type(exc).__name__}: {exc}")
+    for line in summary_lines(result):
+        typer.echo(line)
+    if output is not None:
+        typer.echo(f"metrics: {output}")
+    if result["errors"]:
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from schemas import LABELS_SCHEMA_VERSION, JobSpec
 
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, OutputStore, job_fingerprint, redact
 from .encode import encode_labels
+from .executor import connect_ray, quiet_ray_data
 from .infer import SEDInference
 from .model_loading import encode_taxonomy
 from .read import read_and_decode
@@ -59,25 +60,6 @@ class JobSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _ray_init(spec: JobSpec) -> bool:
-    """Connect to (or start) Ray; True if this call started it and so should shut it down."""
-    if ray.is_initialized():
-        return False
-    if spec.ray.address is None:
-        # "local": always a new embedded instance, never a cluster that happens to run on this machine.
-        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address=spec.ray.address, log_to_driver=False)
-    return True
-
-
-def _quiet_ray_data() -> None:
-    """The job reports its own progress per shard; Ray Data's per-operator logs would drown it."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def prepare_output(spec: JobSpec, taxonomy: Taxonomy, checkpoint_hash: str, overwrite: bool) -> tuple[OutputStore, pa.Table, str]:
@@ -122,7 +104,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Callable[[str], No
     say = progress or log.info
     started = time.monotonic()
     taxonomy = load_taxonomy(spec.taxonomy)
-    owns_ray = _ray_init(spec)
+    owns_ray = connect_ray(spec.ray)
     try:
         # The text embeddings are computed once per job, by one task, and shared by all actors.
         encode = ray.remote(encode_taxonomy).options(num_cpus=1)
@@ -229,7 +211,7 @@ class _Job:
         )
 
     def label(self, text_ref: ray.ObjectRef, plan: pa.Table, pending: list[str], started: float) -> None:
-        _quiet_ray_data()
+        quiet_ray_data()
         metadata = {
             "sed_label.classes": json.dumps(list(self.taxonomy.classes)),
             "sed_label.job_fingerprint": self.fingerprint,
