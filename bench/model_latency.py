@@ -1,26 +1,24 @@
-"""CPU latency and peak memory of SED (ConvNeXt-B geometry), exact decoding vs category early rejection.
+"""SED's speed and memory on this machine against the machine's own limit, measured in one run.
 
-    python bench/model_latency.py --classes 150
-    python bench/model_latency.py --classes 20 --repeats 1 --threads 2 --batch 2
+    python bench/model_latency.py                       # T = 150, 459, 847; about 10 minutes on 2 cores
+    python bench/model_latency.py --classes 150 --bfloat16 32
 
-(from the repository root, with the project installed or `PYTHONPATH=.`).
+(from the repository root, with the project installed or `PYTHONPATH=.`). It prints; it never asserts.
 
-The model is `build_sed(SEDConfig(clip_model="convnext_b"))` with random weights (nothing is
-downloaded), run on random uint8 3x768x768 images against T random L2-normalised text embeddings
-`(T, 80, D)`. Per image, in milliseconds (median over `--repeats` runs, after one warm-up run):
-
-- backbone: `model.dense_features` (preprocessing and the ConvNeXt trunk);
-- decoder: `cost_volume` and `model.decoder` on the same precomputed backbone features, in exact
-  mode (`top_k=None`) or with early rejection (`--top-k`);
-- total: backbone + decoder.
-
-With random weights the heads' logits are noise, so early rejection keeps a random-ish class set,
-in practice nearly all of it (every position of a head's map keeps its own top-K): the speed-up here
-depends on how many classes survive, which the table shows after each head.
-
-Each mode runs in a fresh worker process (this script again, with a hidden `--worker MODE`), whose
-`ru_maxrss` gives that mode's peak RSS; "growth" is how far inference raised it above its value
-once the model and the inputs were built. The benchmark prints; it never asserts.
+1. The machine's limits: GFLOP/s of the kernels SED is made of (matrix product, `Linear`, 1x1 and
+   3x3 convolutions in channels-last), in float32 and bfloat16. The limit is the fastest of them.
+2. Per taxonomy size T, in ms per image, the ConvNeXt-B geometry (768x768, random weights, nothing
+   downloaded): the backbone, and the decoder in exact mode and with early rejection. Random
+   weights make every class win some pixel, so real top-K rejection keeps everything; the "early"
+   rows therefore force a fixed share of each image's classes (`--kept-share`) through the real
+   rejection path (rows dropped after head0, attention over the kept classes only).
+3. The rate on the paper's FLOPs (362 GFLOP for the backbone + 3.35 GFLOP per class and image for
+   the decoder) and its ratio to the float32 limit; the peak RSS of each mode (a fresh process each,
+   whose `ru_maxrss` is that mode's peak).
+4. With `--bfloat16 T`, bfloat16 (autocast) at T classes: the same timings, and how often its argmax
+   label equals float32's, on the shared tiny fixtures (`../shared/reference`, if present) and on
+   the random ConvNeXt-B. Off by default: a CPU without native bfloat16 (AVX512-BF16 or AMX) runs it
+   many times slower than float32.
 """
 
 from __future__ import annotations
@@ -29,104 +27,177 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-MODES = ("exact", "early")
-HEADS = ("head0", "head1", "head2")
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+BACKBONE_GFLOP = 362.0  # ConvNeXt-B image tower at 768x768, per image
+DECODER_GFLOP_PER_CLASS = 3.35
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--classes", type=_positive_int, default=150, help="taxonomy size T (default 150)")
-    parser.add_argument("--top-k", type=_positive_int, default=8, help="early rejection's K (default 8)")
-    parser.add_argument("--repeats", type=_positive_int, default=2, help="timed runs after the warm-up (default 2)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--batch", type=_positive_int, default=1, help="images per batch (default 1)")
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--classes", type=int, nargs="+", default=[150, 459, 847], help="taxonomy sizes T")
+    parser.add_argument("--kept-share", type=float, default=0.1, help="share of classes the early rows keep after head0")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--bfloat16", type=int, default=None, metavar="T", help="also measure bfloat16 at T classes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident set size; Linux reports `ru_maxrss` in KB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
-def _median_ms_per_image(run: Callable[[], Any], repeats: int, batch: int) -> tuple[float, Any]:
-    """Time `run` `repeats` times; return the median in ms per image and the last run's result."""
+def _timed(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` runs after one warm-up, and the last result."""
+    result = run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000 / batch, result
+    return sorted(times)[len(times) // 2], result
+
+
+# Workers (each in a fresh process) ----------------------------------------------------------------
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    def rate(flop: float, run: Callable[[], Any]) -> float:
+        seconds, _ = _timed(run, 5 if dtype == torch.float32 else 1)
+        return flop / seconds / 1e9
+
+    kernels = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16) if args.bfloat16 else (torch.float32,):
+            name = "float32" if dtype == torch.float32 else "bfloat16"
+            # Smaller bfloat16 problems: without native support they run at a few GFLOP/s.
+            n, batch = (2048, 16) if dtype == torch.float32 else (1024, 2)
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            kernels[f"{name} matmul {n}x{n}"] = rate(2 * n**3, lambda: a @ b)
+            x = torch.randn(batch, 128, 48, 48, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(128, 128, 3, 3, dtype=dtype)
+            kernels[f"{name} 3x3 conv 128->128 48x48 x{batch}, channels-last"] = rate(
+                2 * batch * 48 * 48 * 128 * 128 * 9, lambda: F.conv2d(x, w, padding=1)
+            )
+            if dtype == torch.float32:
+                rows = torch.randn(37_000, 512)
+                linear = torch.nn.Linear(512, 512)
+                kernels["float32 Linear 512->512 x37k rows"] = rate(2 * 37_000 * 512 * 512, lambda: linear(rows))
+                image = torch.randn(1, 512, 185, 200).contiguous(memory_format=torch.channels_last)
+                kernels["float32 1x1 conv 512->512, channels-last"] = rate(
+                    2 * 37_000 * 512 * 512, lambda: F.conv2d(image, linear.weight[:, :, None, None], linear.bias)
+                )
+    return {
+        "kernels": kernels,
+        "float32": max(v for k, v in kernels.items() if k.startswith("float32")),
+        "bfloat16": max((v for k, v in kernels.items() if k.startswith("bfloat16")), default=None),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _force_kept_share(share: float, classes: int) -> None:
+    """Make early rejection keep `share` of each image's classes after head0, and all of those later.
+
+    Random weights give no real rejection; this drives the real rejection path with a fixed share.
+    """
+    import torch
+
+    from sed_model import decoder
+
+    def keep_share(logits: torch.Tensor, rows: decoder.Rows, top_k: int) -> torch.Tensor:
+        keep = torch.ones(logits.shape[0], dtype=torch.bool)
+        start = 0
+        for count in rows.counts:
+            if count == classes:  # after head0: every class is still there
+                keep[start + max(1, round(count * share)) : start + count] = False
+            start += count
+        return keep
+
+    decoder.early_reject = keep_share
+
+
+def _agreement(labels: list[Any], reference: list[Any]) -> float:
+    same = sum(int((a == b).sum()) for a, b in zip(labels, reference))
+    return same / sum(b.numel() for b in reference)
+
+
+def _fixture_agreement() -> float | None:
+    """bfloat16 vs float32 argmax agreement of the tiny fixture model on the fixture images."""
+    import torch
+
+    import sed_model
+
+    if not (REFERENCE_DIR / "sed_tiny_reference_outputs.pt").exists():
+        return None
+    reference = torch.load(REFERENCE_DIR / "sed_tiny_reference_outputs.pt", weights_only=True)
+    cases = torch.load(REFERENCE_DIR / "sed_tiny_cer_cases.pt", weights_only=True)
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"]))
+    sed_model.load_checkpoint(model, str(REFERENCE_DIR / "sed_tiny_official_format.pth"))
+    model.eval()
+    images, text = list(reference["images"]), cases["text_features"]
+    exact = [p.labels for p in model.predict_batch(images, text)]
+    fast = [p.labels for p in model.predict_batch(images, text, precision="bfloat16")]
+    return _agreement(fast, exact)
 
 
 def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One mode, in this (fresh) process: build, warm up, time; kept classes and peak RSS."""
-    # Imported here, not at the top: a child's ru_maxrss starts at its parent's peak RSS (Linux
-    # carries it across fork/exec), so the parent must stay small and never import torch.
+    """One (T, exact/early, precision) in this fresh process."""
     import torch
     import torch.nn.functional as F
 
     import sed_model
 
-    if args.threads is not None:
+    classes, rejection, precision = mode.split(":")
+    classes = int(classes)
+    if args.threads:
         torch.set_num_threads(args.threads)
+    if rejection == "early":
+        _force_kept_share(args.kept_share, classes)
     torch.manual_seed(0)
     model = sed_model.build_sed(sed_model.SEDConfig(clip_model="convnext_b")).eval()
     size = model.config.image_size
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
-    # Random embeddings stand in for encode_classes: encoding T x 80 prompts (12000 for T=150) with
-    # the random text tower would take minutes and measure nothing of the image path.
-    text = F.normalize(torch.randn(args.classes, model.config.num_templates, model.backbone.embed_dim), dim=-1)
-    top_k = None if mode == "exact" else args.top_k
-    setup_rss_mb = _peak_rss_mb()
-
-    def decode(features: dict[str, torch.Tensor]) -> list[Any]:
-        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
-        return model.decoder(cost, (features["res4"], features["res3"], features["res2"]), model.pooling, top_k)
-
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
+    # Random embeddings stand in for encode_classes: encoding T x 80 prompts with a random text
+    # tower would take minutes and measure nothing of the image path.
+    text = F.normalize(torch.randn(classes, model.config.num_templates, model.backbone.embed_dim), dim=-1)
+    top_k = 8 if rejection == "early" else None
+    setup_mb = _peak_rss_mb()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with torch.inference_mode():
-        # Warm-up: one full prediction (backbone, cost volume, decoder with this mode's top_k), which
-        # also tells which classes survive each head. Probabilities stay at the decoder's 192x192
-        # output, so no T x 768 x 768 resize inflates the peak.
-        low_res = [(size // 4, size // 4)] * args.batch
-        predictions = model.predict_batch(list(images), text, top_k, low_res)
-        backbone_ms, features = _median_ms_per_image(lambda: model.dense_features(images), args.repeats, args.batch)
-        decoder_ms, _ = _median_ms_per_image(lambda: decode(features), args.repeats, args.batch)
-
-    kept = {head: statistics.mean(p.kept_after[head].numel() for p in predictions) for head in HEADS}
-    return {
-        "mode": mode,
-        "top_k": top_k,
-        "backbone_ms": backbone_ms,
-        "decoder_ms": decoder_ms,
-        "total_ms": backbone_ms + decoder_ms,
-        "kept": kept,
-        "peak_rss_mb": _peak_rss_mb(),
-        "setup_rss_mb": setup_rss_mb,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "embed_dim": model.backbone.embed_dim,
-        "image_size": size,
-    }
+        with autocast:
+            backbone_s, features = _timed(lambda: model.dense_features(image), args.repeats)
+            cost = sed_model.cost_volume(features["clip_vis_dense"], text)
+            appearance = (features["res4"], features["res3"], features["res2"])
+            decoder_s, outputs = _timed(lambda: model.decoder(cost, appearance, model.pooling, top_k), args.repeats)
+        result = {
+            "mode": mode,
+            "backbone_ms": backbone_s * 1e3,
+            "decoder_ms": decoder_s * 1e3,
+            "kept": outputs[0].rows.image_index.numel(),
+            "peak_rss_mb": _peak_rss_mb(),
+            "setup_rss_mb": setup_mb,
+        }
+        if precision == "bfloat16":
+            exact = model.predict_batch([image[0]], text, top_k, [(size // 4, size // 4)])
+            fast = model.predict_batch([image[0]], text, top_k, [(size // 4, size // 4)], precision="bfloat16")
+            result["agreement_random"] = _agreement([p.labels for p in fast], [p.labels for p in exact])
+            result["agreement_fixtures"] = _fixture_agreement()
+    return result
 
 
+# Driver --------------------------------------------------------------------------------------------
 def _run_worker(mode: str) -> dict[str, Any]:
-    """Re-run this script as `--worker mode`; its last stdout line is the result as JSON."""
-    print(f"measuring {mode} mode in a fresh process ...", file=sys.stderr, flush=True)
+    """This script again with `--worker mode`, in a fresh process; its last stdout line is JSON."""
+    print(f"measuring {mode} ...", file=sys.stderr, flush=True)
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", mode]
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if completed.returncode:
@@ -134,48 +205,61 @@ def _run_worker(mode: str) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _print_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    first = results[0]
-    print(f"torch {first['torch_version']}, {first['threads']} threads")
-    print(
-        f"SED convnext_b (random weights), image {first['image_size']}x{first['image_size']}, "
-        f"T={args.classes} classes x 80 templates, D={first['embed_dim']}, batch {args.batch}, "
-        f"median of {args.repeats} run(s) after 1 warm-up"
-    )
+def _report(args: argparse.Namespace, limits: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    print(f"torch {limits['torch']}, {limits['threads']} threads")
+    print("machine limits (GFLOP/s):")
+    for name, value in limits["kernels"].items():
+        print(f"  {name:<48} {value:7.0f}")
+    f32, bf16 = limits["float32"], limits["bfloat16"]
+    print(f"  float32 limit {f32:.0f} GFLOP/s (the fastest float32 kernel)")
+    if bf16 is not None:
+        print(f"  bfloat16 limit {bf16:.0f} GFLOP/s (the fastest bfloat16 kernel)")
     print()
-    header = (
-        f"{'mode':<8} {'top_k':>5} {'backbone':>10} {'decoder':>10} {'total':>10}  "
-        f"{'kept head0/head1/head2':>22} {'peak RSS':>9} {'growth':>8}"
-    )
+    print("SED ConvNeXt-B, random weights, one 768x768 image, median of "
+          f"{args.repeats} run(s) after a warm-up; early = {args.kept_share:.0%} of the classes kept after head0")
+    header = f"{'T':>4} {'mode':<6} {'precision':<9} {'kept':>5} {'backbone':>9} {'decoder':>9} {'total':>9} {'GFLOP/s':>8} {'/limit':>7} {'peak RSS':>9}"
     print(header)
-    print(f"{'':<8} {'':>5} {'ms/image':>10} {'ms/image':>10} {'ms/image':>10}  {'(mean per image)':>22} {'MB':>9} {'MB':>8}")
+    print(f"{'':>4} {'':<6} {'':<9} {'':>5} {'ms':>9} {'ms':>9} {'ms':>9} {'':>8} {'':>7} {'MB':>9}")
     print("-" * len(header))
     for r in results:
-        kept = "/".join(f"{r['kept'][head]:g}" for head in HEADS)
-        top_k = "-" if r["top_k"] is None else str(r["top_k"])
+        classes, rejection, precision = r["mode"].split(":")
+        total_ms = r["backbone_ms"] + r["decoder_ms"]
+        paper_gflop = BACKBONE_GFLOP + DECODER_GFLOP_PER_CLASS * int(classes)
+        rate = paper_gflop / (total_ms / 1e3)
+        limit = f32 if precision == "float32" else bf16
         print(
-            f"{r['mode']:<8} {top_k:>5} {r['backbone_ms']:>10.0f} {r['decoder_ms']:>10.0f} {r['total_ms']:>10.0f}  "
-            f"{kept:>22} {r['peak_rss_mb']:>9.0f} {r['peak_rss_mb'] - r['setup_rss_mb']:>8.0f}"
+            f"{classes:>4} {rejection:<6} {precision:<9} {r['kept']:>5} {r['backbone_ms']:>9.0f} {r['decoder_ms']:>9.0f} "
+            f"{total_ms:>9.0f} {rate:>8.0f} {rate / limit:>7.2f} {r['peak_rss_mb']:>9.0f}"
         )
-    exact, early = results
-    print()
-    print(
-        f"early rejection speed-up (exact / top-{args.top_k}): total {exact['total_ms'] / early['total_ms']:.2f}x, "
-        f"decoder alone {exact['decoder_ms'] / early['decoder_ms']:.2f}x"
-    )
-    if early["kept"]["head2"] == args.classes:
-        print(
-            f"note: top-{args.top_k} rejected no class (random weights give noisy logits, and with one top-K per "
-            "pixel nearly every class wins somewhere), so both modes did the same work: the ratio is noise"
-        )
+    print("(GFLOP/s: the paper's FLOPs for all T classes over the time taken, so early rejection can pass the limit;")
+    print(" /limit: against the float32 or bfloat16 limit above)")
+    by_mode = {r["mode"]: r for r in results}
+    for r in results:
+        classes, rejection, precision = r["mode"].split(":")
+        if precision != "bfloat16":
+            continue
+        base = by_mode.get(f"{classes}:{rejection}:float32")
+        fixtures = r["agreement_fixtures"]
+        fixtures_text = "n/a (no ../shared/reference)" if fixtures is None else f"{fixtures:.2%}"
+        speed = "" if base is None else f", {(base['backbone_ms'] + base['decoder_ms']) / (r['backbone_ms'] + r['decoder_ms']):.2f}x float32's speed"
+        print(f"bfloat16 at T={classes} ({rejection}): argmax agreement with float32 {r['agreement_random']:.2%} "
+              f"(random ConvNeXt-B), {fixtures_text} (tiny fixtures, 150 classes){speed}")
 
 
 def main() -> None:
     args = _parse_args()
+    if args.worker == "limits":
+        print(json.dumps(_limits(args)))
+        return
     if args.worker is not None:
         print(json.dumps(_measure(args.worker, args)))
         return
-    _print_report(args, [_run_worker(mode) for mode in MODES])
+    limits = _run_worker("limits")
+    modes = [f"{t}:{rejection}:float32" for t in args.classes for rejection in ("exact", "early")]
+    if args.bfloat16:
+        modes += [f"{args.bfloat16}:exact:float32", f"{args.bfloat16}:exact:bfloat16"]
+    modes = list(dict.fromkeys(modes))
+    _report(args, limits, [_run_worker(mode) for mode in modes])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,11 @@ class SEDInference:
                 f"(hash {loaded_hash[:12]}, the job started with {checkpoint_hash[:12]})"
             )
         self.predictor = sed_model.SEDPredictor(
-            model_, top_k=self.settings.top_k, short_edge=self.settings.short_edge, max_size=self.settings.max_size
+            model_,
+            top_k=self.settings.top_k,
+            short_edge=self.settings.short_edge,
+            max_size=self.settings.max_size,
+            precision=self.settings.precision,
         )
         self.num_classes = len(classes)
         if callable(text_features):  # fetched once per actor from wherever the executor keeps it

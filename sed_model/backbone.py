@@ -12,7 +12,11 @@ from typing import Any
 
 import open_clip
 import torch
+from timm.layers import Mlp
+from timm.models.convnext import ConvNeXtBlock
 from torch import nn
+
+from .layout import channel_norm, channels_last, pointwise
 
 
 class CLIPBackbone(nn.Module):
@@ -37,10 +41,14 @@ class CLIPBackbone(nn.Module):
     def dense_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
         trunk = self.clip.visual.trunk
-        x = trunk.stem(images)
+        # Channels-last: oneDNN runs the trunk's convolutions several times faster in that layout,
+        # and timm's blocks then permute to channels-last for free.
+        x = trunk.stem(channels_last(images))
         features: dict[str, torch.Tensor] = {}
         for i, stage in enumerate(trunk.stages):
-            x = stage(x)
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = block(x) if self.training else _convnext_block_eval(block, x)
             features[f"res{i + 2}"] = x
         x = trunk.norm_pre(x)
         x = trunk.head.norm(x)
@@ -52,3 +60,19 @@ class CLIPBackbone(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (N, context) -> L2-normalised text embeddings (N, D)."""
         return self.clip.encode_text(tokens, normalize=True)
+
+
+def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's `ConvNeXtBlock` in evaluation, with its MLP's `Linear`s run as 1x1 convolutions.
+
+    The same parameters and the same function (stochastic depth and dropout are off in evaluation);
+    only the route to the kernels differs (`layout.py`). Other block types run as they are.
+    """
+    mlp = getattr(block, "mlp", None)
+    if not isinstance(block, ConvNeXtBlock) or block.use_conv_mlp or type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
+        return block(x)
+    y = channel_norm(block.conv_dw(x), block.norm)
+    y = pointwise(mlp.act(pointwise(y, mlp.fc1)), mlp.fc2)
+    if block.gamma is not None:
+        y = y * block.gamma[:, None, None]
+    return y + block.shortcut(x)

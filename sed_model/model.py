@@ -7,6 +7,7 @@ from the model's parameters: nothing here calls `.cuda()`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ from .decoder import SEDDecoder, StageLogits
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes
 
 HEAD_NAMES = ("head", "head0", "head1", "head2")
+
+# Inference precisions. bfloat16 runs the backbone's and decoder's convolutions and matrix products
+# in bfloat16 (autocast), keeping class attention's sums over classes in float32; it is never on
+# by default, and bench/model_latency.py reports how often its labels agree with float32's.
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -131,17 +137,31 @@ class SED(nn.Module):
         """uint8 images -> backbone maps `res2..res5` and `clip_vis_dense`."""
         return self.backbone.dense_features(self.preprocess(images))
 
-    def _decode(self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None) -> list[StageLogits]:
+    def _decode(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        text: torch.Tensor,
+        top_k: int | None,
+        precision: str = "float32",
+    ) -> list[StageLogits]:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if text.dim() != 3 or text.shape[1] != self.config.num_templates:
             raise ValueError(
                 f"text must be (T, {self.config.num_templates}, D) from encode_classes, got {tuple(text.shape)}"
             )
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
-        features = self.dense_features(images)
-        cost = cost_volume(features["clip_vis_dense"], text.to(self.device, torch.float32))
+        autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+        with autocast():
+            features = self.dense_features(images)
+        cost = cost_volume(features["clip_vis_dense"].float(), text.to(self.device, torch.float32))
         appearance = (features["res4"], features["res3"], features["res2"])
-        return self.decoder(cost, appearance, self.pooling, top_k)
+        with autocast():
+            outputs = self.decoder(cost, appearance, self.pooling, top_k)
+        for stage in outputs:
+            stage.logits = stage.logits.float()
+        return outputs
 
     def forward_logits(
         self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None = None
@@ -165,10 +185,14 @@ class SED(nn.Module):
 
     @torch.no_grad()
     def predict_low_res(
-        self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None = None
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        text: torch.Tensor,
+        top_k: int | None = None,
+        precision: str = "float32",
     ) -> list[LowResolution]:
         """Per image: the kept classes and their probabilities at the decoder's resolution."""
-        final, _, after_head0, after_head1 = self._decode(images, text, top_k)
+        final, _, after_head0, after_head1 = self._decode(images, text, top_k, precision)
         after = {"head0": after_head0.rows, "head1": after_head1.rows, "head2": final.rows}
         results = []
         for i, chunk in enumerate(final.logits.split(final.rows.counts)):
@@ -183,6 +207,7 @@ class SED(nn.Module):
         text: torch.Tensor,
         top_k: int | None = None,
         output_sizes: Sequence[tuple[int, int]] | None = None,
+        precision: str = "float32",
     ) -> list[Prediction]:
         """Label a batch of uint8 `(3, H_i, W_i)` images of any sizes against one taxonomy.
 
@@ -195,7 +220,7 @@ class SED(nn.Module):
         sizes = _output_sizes(images, output_sizes)
         return [
             Prediction(_resize(low.probs, size), low.kept, low.kept_after, text.shape[0])
-            for low, size in zip(self.predict_low_res(images, text, top_k), sizes)
+            for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes)
         ]
 
     @torch.no_grad()
@@ -206,6 +231,7 @@ class SED(nn.Module):
         top_k: int | None = None,
         output_sizes: Sequence[tuple[int, int]] | None = None,
         class_chunk: int = 16,
+        precision: str = "float32",
     ) -> list[Labeling]:
         """Like `predict_batch`, but keeps only the argmax and its probability.
 
@@ -216,7 +242,7 @@ class SED(nn.Module):
         images = list(images)
         sizes = _output_sizes(images, output_sizes)
         results = []
-        for low, size in zip(self.predict_low_res(images, text, top_k), sizes):
+        for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes):
             confidence = labels = None
             for start in range(0, low.kept.numel(), class_chunk):
                 chunk_best, chunk_index = _resize(low.probs[start : start + class_chunk], size).max(dim=0)
@@ -237,12 +263,13 @@ class SED(nn.Module):
         text: torch.Tensor,
         top_k: int | None = None,
         output_size: tuple[int, int] | None = None,
+        precision: str = "float32",
     ) -> torch.Tensor:
         """One uint8 `(3, H, W)` image -> `(T, H, W)` probabilities (or at `output_size`)."""
         if image.dim() != 3:
             raise ValueError(f"predict takes one (3, H, W) image, got shape {tuple(image.shape)}; use predict_batch")
         sizes = None if output_size is None else [tuple(output_size)]
-        return self.predict_batch([image], text, top_k, sizes)[0].probs
+        return self.predict_batch([image], text, top_k, sizes, precision)[0].probs
 
 
 def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .model import SED, Labeling, Prediction
+from .model import PRECISIONS, SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
 
@@ -26,9 +26,13 @@ class SEDPredictor:
         top_k: int | None = None,
         short_edge: int | None = EVAL_SHORT_EDGE,
         max_size: int = EVAL_MAX_SIZE,
+        precision: str = "float32",
     ) -> None:
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.model = model.eval()
         self.top_k = top_k
         self.short_edge = short_edge
@@ -68,13 +72,13 @@ class SEDPredictor:
     def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
         """uint8 `(3, H_i, W_i)` images -> one `Prediction` each, at each image's own size."""
         prepared, sizes = self._inputs(images)
-        return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes)
+        return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision)
 
     @torch.inference_mode()
     def label_batch(self, images: Sequence[torch.Tensor]) -> list[Labeling]:
         """Label maps and confidences only: memory bounded whatever the taxonomy size."""
         prepared, sizes = self._inputs(images)
-        return self.model.label_batch(prepared, self.text_features, self.top_k, output_sizes=sizes)
+        return self.model.label_batch(prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision)
 
     def predict(self, image: torch.Tensor) -> Prediction:
         return self.predict_batch([image])[0]

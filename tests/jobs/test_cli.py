@@ -53,6 +53,7 @@ def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypa
         (lambda s: s["input"].update(colour="red"), "input.colour: Extra inputs are not permitted"),
         (lambda s: s["inference"].update(batch_size="four"), "inference.batch_size"),
         (lambda s: s["inference"].update(top_k=0), "inference.top_k"),
+        (lambda s: s["inference"].update(precision="float16"), "inference.precision"),
         (lambda s: s.pop("output"), "output: Field required"),
         (lambda s: s["taxonomy"].update(classes=[]), "at least one class"),
         (lambda s: s["taxonomy"].update(classes=["sky", "sky"]), "duplicate class names: ['sky']"),

@@ -1,0 +1,54 @@
+"""The decoder's chunked schedule: any chunk size gives the same outputs, and row bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sed_model
+from sed_model.decoder import Rows, _regroup
+
+
+def test_segments_split_a_chunk_by_image():
+    rows = Rows(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long), [4, 0, 3, 2])
+    # Rows 0-3 image 0, 4-6 image 2, 7-8 image 3; a chunk of rows 3..8 meets all three.
+    assert rows.segments(3, 8) == [(0, 0, 1), (2, 1, 4), (3, 4, 5)]
+    assert rows.segments(0, 4) == [(0, 0, 4)]
+    assert rows.segments(4, 7) == [(2, 0, 3)]
+
+
+def test_regroup_keeps_order_and_regroups_to_the_chunk_size():
+    chunks = [torch.arange(5.0).view(5, 1, 1, 1), torch.arange(5.0, 8.0).view(3, 1, 1, 1), torch.arange(8.0, 12.0).view(4, 1, 1, 1)]
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    groups = _regroup(chunks, keep, size=3)
+    assert [g.shape[0] for g in groups] == [3, 3, 2]
+    assert torch.cat(groups).flatten().tolist() == [0.0, 2.0, 3.0, 5.0, 6.0, 8.0, 9.0, 10.0]
+    assert chunks == [None, None, None]  # consumed: each input chunk is released once read
+
+
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_chunk_size_does_not_change_the_outputs(tiny_pooling2, reference, cer_cases, top_k):
+    # 40 classes x 2 images: chunks of 7 rows cut through images and through kept sets.
+    images = [reference["images"][0], reference["images"][1]]
+    text = cer_cases["text_features"][:40]
+    model = tiny_pooling2
+    with torch.no_grad():
+        features = model.dense_features(images)
+        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
+        appearance = (features["res4"], features["res3"], features["res2"])
+        one_chunk = model.decoder(cost, appearance, model.pooling, top_k, chunk_rows=10_000)
+        for chunk_rows in (3, 7):
+            chunked = model.decoder(cost, appearance, model.pooling, top_k, chunk_rows=chunk_rows)
+            for expected, actual in zip(one_chunk, chunked):
+                assert actual.rows.class_index.tolist() == expected.rows.class_index.tolist()
+                assert actual.rows.counts == expected.rows.counts
+                torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=0)
+
+
+def test_rejects_bad_chunk_size(tiny_pooling2, reference):
+    text = reference["text_features"]
+    with torch.no_grad():
+        features = tiny_pooling2.dense_features(reference["images"][0])
+        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
+        with pytest.raises(ValueError, match="chunk_rows"):
+            tiny_pooling2.decoder(cost, (features["res4"], features["res3"], features["res2"]), 2, None, chunk_rows=0)
