@@ -5,7 +5,9 @@ image, together with each row's image and class index. Exact mode starts with ev
 rejection drops rows between stages, so each image keeps its own class set and a batch gives every
 image exactly what it would get alone (the paper's code takes the union over the batch).
 
-Rows travel in chunks of `chunk_rows`, so memory is bounded whatever the taxonomy size. Everything
+Rows travel in chunks of `chunk_rows`, so memory is bounded whatever the taxonomy size. Chunks
+never mix images and cut each image's rows the same way in any batch, so an image's result is the
+same bit for bit whoever its batch-mates are (a resumed job relabels an image exactly). Everything
 is independent per row except class attention, whose linear attention reduces over an image's
 classes only through two sums (of phi(k) v^T and of phi(k)). Each up-stage therefore runs in two
 passes over the chunks: the ConvNeXt block and those sums first, then the attention with the whole
@@ -324,9 +326,14 @@ class SEDDecoder(nn.Module):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         rows = Rows.full(cost.shape[0], cost.shape[1], cost.device)
-        appearance = [channels_last(proj(f.detach())) for proj, f in zip(self.decoder_guidance_projection, appearance_features)]
+        # Per image, like everything below: an image's result must not depend on its batch-mates
+        # (kernels may round differently for another batch size).
+        appearance = [
+            torch.cat([channels_last(proj(f[i : i + 1].detach())) for i in range(f.shape[0])])
+            for proj, f in zip(self.decoder_guidance_projection, appearance_features)
+        ]
 
-        spans = _spans(rows.image_index.numel(), chunk_rows)
+        spans = _spans_of_sizes(_chunk_sizes(rows.counts, chunk_rows))
         chunks = [channels_last(self.conv1(self._cost_rows(cost, rows, first, end))) for first, end in spans]
         stage_logits = [StageLogits(torch.cat([self.head0(x.detach()) for x in chunks]).squeeze(1), rows)]
         stages = (self.decoder1, self.decoder2, self.decoder3)
@@ -336,7 +343,7 @@ class SEDDecoder(nn.Module):
                 keep = early_reject(stage_logits[-1].logits, rows, top_k)
                 if not bool(keep.all()):
                     rows = rows.select(keep)
-                    chunks = _regroup(chunks, keep, chunk_rows)
+                    chunks = _regroup(chunks, keep, _chunk_sizes(rows.counts, chunk_rows))
             last = level == len(stages) - 1
             chunks, logits = self._up_stage(level, stage, head, chunks, cost, appearance[level], rows, pooling, last)
             stage_logits.append(StageLogits(logits, rows))
@@ -359,7 +366,7 @@ class SEDDecoder(nn.Module):
         Each input chunk is released as soon as it is consumed, so at most one stage's input and
         one stage's output are held at a time (none for the last stage: only its logits are kept).
         """
-        spans = _spans_of(chunks)
+        spans = _spans_of_sizes([chunk.shape[0] for chunk in chunks])
         sums = ClassSums(len(rows.counts))
         for i, (first, end) in enumerate(spans):
             chunks[i] = stage.cnext(chunks[i])
@@ -392,20 +399,21 @@ class SEDDecoder(nn.Module):
         return x
 
 
-def _spans(total: int, size: int) -> list[tuple[int, int]]:
-    return [(first, min(first + size, total)) for first in range(0, total, size)]
+def _chunk_sizes(counts: Sequence[int], size: int) -> list[int]:
+    """Chunks never span images, and each image's rows are cut the same way whatever its batch-mates."""
+    return [min(size, count - first) for count in counts for first in range(0, count, size)]
 
 
-def _spans_of(chunks: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+def _spans_of_sizes(sizes: Sequence[int]) -> list[tuple[int, int]]:
     spans, first = [], 0
-    for chunk in chunks:
-        spans.append((first, first + chunk.shape[0]))
-        first += chunk.shape[0]
+    for size in sizes:
+        spans.append((first, first + size))
+        first += size
     return spans
 
 
-def _regroup(chunks: list[torch.Tensor], keep: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """The kept rows of `chunks` (in order), regrouped `size` at a time.
+def _regroup(chunks: list[torch.Tensor], keep: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The kept rows of `chunks` (in order), regrouped into chunks of the given `sizes`.
 
     Consumes `chunks`: each is released once read, so the kept rows are never held twice.
     """
@@ -418,13 +426,11 @@ def _regroup(chunks: list[torch.Tensor], keep: torch.Tensor, size: int) -> list[
         first += chunk.shape[0]
         del chunk
         while kept.shape[0]:
-            take = min(size - pending_rows, kept.shape[0])
+            take = min(sizes[len(groups)] - pending_rows, kept.shape[0])
             pending.append(kept[:take])
             pending_rows += take
             kept = kept[take:]
-            if pending_rows == size:
+            if pending_rows == sizes[len(groups)]:
                 groups.append(channels_last(torch.cat(pending)))
                 pending, pending_rows = [], 0
-    if pending:
-        groups.append(channels_last(torch.cat(pending)))
     return groups

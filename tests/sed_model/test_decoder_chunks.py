@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sed_model
-from sed_model.decoder import Rows, _regroup
+from sed_model.decoder import Rows, _chunk_sizes, _regroup
 
 
 def test_segments_split_a_chunk_by_image():
@@ -17,11 +17,16 @@ def test_segments_split_a_chunk_by_image():
     assert rows.segments(4, 7) == [(2, 0, 3)]
 
 
-def test_regroup_keeps_order_and_regroups_to_the_chunk_size():
+def test_chunks_never_span_images_and_are_cut_alike_in_every_batch():
+    assert _chunk_sizes([5, 0, 8, 3], 3) == [3, 2, 3, 3, 2, 3]
+    assert _chunk_sizes([5], 3) == [3, 2]  # image 0 alone is cut as in the batch above
+
+
+def test_regroup_keeps_order_and_regroups_to_the_given_sizes():
     chunks = [torch.arange(5.0).view(5, 1, 1, 1), torch.arange(5.0, 8.0).view(3, 1, 1, 1), torch.arange(8.0, 12.0).view(4, 1, 1, 1)]
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
-    groups = _regroup(chunks, keep, size=3)
-    assert [g.shape[0] for g in groups] == [3, 3, 2]
+    groups = _regroup(chunks, keep, [3, 2, 3])
+    assert [g.shape[0] for g in groups] == [3, 2, 3]
     assert torch.cat(groups).flatten().tolist() == [0.0, 2.0, 3.0, 5.0, 6.0, 8.0, 9.0, 10.0]
     assert chunks == [None, None, None]  # consumed: each input chunk is released once read
 
