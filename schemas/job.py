@@ -73,7 +73,7 @@ class InferenceSpec(_Spec):
     max_size: int = Field(2560, ge=32, description="cap on the long side of that resize")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the actor has a GPU")
     precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="bfloat16 is faster where the hardware has it, with labels that differ on a few pixels"
+        "float32", description="bfloat16 is faster where the hardware has it natively; its labels can differ from float32's"
     )
 
 

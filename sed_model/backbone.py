@@ -41,8 +41,8 @@ class CLIPBackbone(nn.Module):
     def dense_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
         trunk = self.clip.visual.trunk
-        # Channels-last: oneDNN runs the trunk's convolutions several times faster in that layout,
-        # and timm's blocks then permute to channels-last for free.
+        # Channels-last, so timm's permutes are free and the blocks' MLPs can run as 1x1 convolutions
+        # through oneDNN (measured: the ConvNeXt-B trunk about 7% faster on a 2-core AMD EPYC).
         x = trunk.stem(channels_last(images))
         features: dict[str, torch.Tensor] = {}
         for i, stage in enumerate(trunk.stages):
