@@ -70,6 +70,10 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from sed_model.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in the model's workers, so the limits are measured under the same malloc
+
     def rate(flop: float, run: Callable[[], Any]) -> float:
         seconds, _ = _timed(run, 5 if dtype == torch.float32 else 1)
         return flop / seconds / 1e9
@@ -158,12 +162,14 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
     classes, rejection, precision = mode.split(":")
     classes = int(classes)
+    sed_model.allocator.keep_freed_memory()  # what SEDPredictor does on CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if rejection == "early":
         _force_kept_share(args.kept_share, classes)
     torch.manual_seed(0)
     model = sed_model.build_sed(sed_model.SEDConfig(clip_model="convnext_b")).eval()
+    model.drop_text_tower()  # as the job's actors do: they get the text embeddings computed once per job
     size = model.config.image_size
     image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
     # Random embeddings stand in for encode_classes: encoding T x 80 prompts with a random text

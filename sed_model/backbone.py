@@ -16,7 +16,7 @@ from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from .layout import channel_norm, channels_last, pointwise
+from .layout import activation_name, channel_norm, channels_last, pointwise
 
 
 class CLIPBackbone(nn.Module):
@@ -37,6 +37,7 @@ class CLIPBackbone(nn.Module):
         self.stage_channels: tuple[int, ...] = tuple(info["num_chs"] for info in trunk.feature_info)
         self.embed_dim: int = clip_cfg["embed_dim"]
         self.context_length: int = self.clip.context_length
+        self.has_text_tower = True
 
     def dense_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
@@ -59,7 +60,18 @@ class CLIPBackbone(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (N, context) -> L2-normalised text embeddings (N, D)."""
+        if not self.has_text_tower:
+            raise RuntimeError("this model's text tower was dropped (drop_text_tower): pass text embeddings computed elsewhere")
         return self.clip.encode_text(tokens, normalize=True)
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower, for a process that labels with text embeddings computed elsewhere.
+
+        It is half of ConvNeXt-B CLIP's weights (about 350 MB in float32), needed once per taxonomy.
+        """
+        for name in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection", "attn_mask"):
+            setattr(self.clip, name, None)
+        self.has_text_tower = False
 
 
 def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +84,9 @@ def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(block, ConvNeXtBlock) or block.use_conv_mlp or type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
         return block(x)
     y = channel_norm(block.conv_dw(x), block.norm)
-    y = pointwise(mlp.act(pointwise(y, mlp.fc1)), mlp.fc2)
-    if block.gamma is not None:
-        y = y * block.gamma[:, None, None]
-    return y + block.shortcut(x)
+    activation = activation_name(mlp.act)
+    y = pointwise(y, mlp.fc1, activation)
+    y = pointwise(y if activation else mlp.act(y), mlp.fc2)
+    if block.gamma is None:
+        return y + block.shortcut(x)
+    return torch.addcmul(block.shortcut(x), y, block.gamma[:, None, None])

@@ -5,16 +5,17 @@ image, together with each row's image and class index. Exact mode starts with ev
 rejection drops rows between stages, so each image keeps its own class set and a batch gives every
 image exactly what it would get alone (the paper's code takes the union over the batch).
 
-Rows travel in chunks of `chunk_rows`, so memory is bounded whatever the taxonomy size. Chunks
-never mix images and cut each image's rows the same way in any batch, so an image's result is the
-same bit for bit whoever its batch-mates are (a resumed job relabels an image exactly). Everything
-is independent per row except class attention, whose linear attention reduces over an image's
-classes only through two sums (of phi(k) v^T and of phi(k)). Each up-stage therefore runs in two
-passes over the chunks: the ConvNeXt block and those sums first, then the attention with the whole
-image's sums and the rest of the stage. That is the paper's computation, exactly, in another order.
+Rows travel in chunks of at most `chunk_rows`, so memory is bounded whatever the taxonomy size. A
+chunk holds rows of one image only, and each image's rows are cut the same way in any batch, so an
+image's result is the same bit for bit whoever its batch-mates are (a resumed job relabels an image
+exactly). Everything is independent per row except class attention, whose linear attention reduces
+over an image's classes only through two sums (of phi(k) v^T and of phi(k)). Each up-stage therefore
+runs in two passes over the chunks: the ConvNeXt block and those sums first, then the attention with
+the whole image's sums and the rest of the stage. That is the paper's computation, exactly, in
+another order.
 
-Speed on CPUs: feature maps are channels-last and pointwise layers run as 1x1 convolutions
-(`layout.py`); the appearance guidance is convolved once per image instead of once per class (see
+Speed on CPUs: feature maps are channels-last and pointwise layers run as 1x1 convolutions, fused
+with their activation in inference (`layout.py`); the appearance guidance is convolved once per image instead of once per class (see
 `UpStage.appearance_term`).
 
 Module and parameter names follow the paper's checkpoints (`sem_seg_head.predictor.transformer.*`).
@@ -31,11 +32,9 @@ from torch import nn
 
 from .layout import channel_norm, channels_last, pointwise
 
-# Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=32): 8 rows ran 1.5x faster than 32,
-# whose 150 MB temporaries at the last stage fall out of cache and into fresh pages at every call.
+# Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=64, with `allocator.keep_freed_memory`):
+# 8, 16 and 32 rows run at the same speed, so the smallest keeps the temporaries small.
 DEFAULT_CHUNK_ROWS = 8
-
-Segment = tuple[int, int, int]  # (image index, first row, end row) within a chunk
 
 
 @dataclass
@@ -56,15 +55,16 @@ class Rows:
         counts = [int(chunk.sum()) for chunk in keep.split(self.counts)]
         return Rows(self.image_index[keep], self.class_index[keep], counts)
 
-    def segments(self, start: int, stop: int) -> list[Segment]:
-        """The images among rows `start:stop`, as (image, first, end) relative to `start`."""
-        segments, offset = [], 0
+    def chunk_spans(self, chunk_rows: int) -> list[tuple[int, int, int]]:
+        """`(image, first, end)` row spans of at most `chunk_rows` rows, each within one image.
+
+        Each image's rows are cut the same way whatever its batch-mates.
+        """
+        spans, offset = [], 0
         for image, count in enumerate(self.counts):
-            first, end = max(offset, start), min(offset + count, stop)
-            if first < end:
-                segments.append((image, first - start, end - start))
+            spans += [(image, offset + first, offset + min(first + chunk_rows, count)) for first in range(0, count, chunk_rows)]
             offset += count
-        return segments
+        return spans
 
 
 @dataclass
@@ -98,13 +98,12 @@ class ConvNeXtBlock(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = channel_norm(self.dwconv(x), self.norm)
-        y = pointwise(self.act(pointwise(y, self.pwconv1)), self.pwconv2)
+        y = pointwise(pointwise(y, self.pwconv1, "gelu"), self.pwconv2)
         return torch.addcmul(x, self.gamma[:, None, None], y)
 
 
@@ -132,32 +131,25 @@ class LinearAttention(nn.Module):
         d = self.q.out_features // self.num_heads
         return x.permute(0, 2, 3, 1).reshape(n, h * w, c // d, d)
 
-    def accumulate(self, sums: "ClassSums", x: torch.Tensor, segments: Sequence[Segment]) -> None:
-        """Add the rows' `phi(k) v^T` and `phi(k)` to their images' sums; `x` is normalised NCHW.
+    def class_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sum phi(k) v^T` and `sum phi(k)` over the rows of `x` (normalised NCHW, one image's).
 
         The sums run over up to hundreds of classes, so they are kept in float32 under autocast.
         """
         weight = torch.cat([self.k.weight, self.v.weight])[:, :, None, None]
         kv = self._tokens(F.conv2d(x, weight, torch.cat([self.k.bias, self.v.bias])))
         k, v = F.elu(kv[:, :, : self.num_heads].float()).add_(1), kv[:, :, self.num_heads :].float()
-        for image, first, end in segments:
-            with torch.autocast(x.device.type, enabled=False):
-                kv_sum = torch.einsum("slhd,slhv->lhdv", k[first:end], v[first:end])
-            sums.add(image, kv_sum, k[first:end].sum(dim=0))
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.einsum("slhd,slhv->lhdv", k, v), k.sum(dim=0)
 
-    def forward(self, x: torch.Tensor, sums: "ClassSums", segments: Sequence[Segment]) -> torch.Tensor:
-        """The attention output for the rows of `x` (normalised NCHW), given their images' sums."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
+        """The attention output for the rows of `x` (normalised NCHW, one image's), given its sums."""
         q = F.elu(self._tokens(pointwise(x, self.q)).float()).add_(1)
-        outputs = []
-        for image, first, end in segments:
-            kv, k_sum = sums.get(image)
-            with torch.autocast(x.device.type, enabled=False):
-                numerator = torch.einsum("slhd,lhdv->slhv", q[first:end], kv)
-                denominator = torch.einsum("slhd,lhd->slh", q[first:end], k_sum) + self.eps
-            outputs.append(numerator / denominator[..., None])
+        with torch.autocast(x.device.type, enabled=False):
+            numerator = torch.einsum("slhd,lhdv->slhv", q, kv)
+            denominator = torch.einsum("slhd,lhd->slh", q, k_sum) + self.eps
         n, c, h, w = x.shape
-        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return (numerator / denominator[..., None]).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class ClassSums:
@@ -194,15 +186,15 @@ class ClassAttention(nn.Module):
     def _pool(x: torch.Tensor, pooling: int) -> torch.Tensor:
         return F.avg_pool2d(x, pooling) if pooling > 1 else x
 
-    def accumulate(self, sums: ClassSums, x: torch.Tensor, segments: Sequence[Segment], pooling: int) -> None:
-        """First pass: these rows' contribution to their images' attention sums."""
-        self.attention.accumulate(sums, channel_norm(self._pool(x, pooling), self.norm1), segments)
+    def class_sums(self, x: torch.Tensor, pooling: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """First pass: these rows' (one image's) contribution to the attention sums."""
+        return self.attention.class_sums(channel_norm(self._pool(x, pooling), self.norm1))
 
-    def forward(self, x: torch.Tensor, sums: ClassSums, segments: Sequence[Segment], pooling: int) -> torch.Tensor:
-        """Second pass: attention with the complete sums, MLP, and the pooled result added to `x`."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, pooling: int) -> torch.Tensor:
+        """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`."""
         y = self._pool(x, pooling)
-        y = y + self.attention(channel_norm(y, self.norm1), sums, segments)
-        y = y + pointwise(F.relu(pointwise(channel_norm(y, self.norm2), self.MLP[0]), inplace=True), self.MLP[2])
+        y = y + self.attention(channel_norm(y, self.norm1), kv, k_sum)
+        y = y + pointwise(pointwise(channel_norm(y, self.norm2), self.MLP[0], "relu"), self.MLP[2])
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         # The paper adds the whole pooled result (not only the attention update) back to x.
@@ -230,7 +222,7 @@ class DoubleConv(nn.Module):
 class UpStage(nn.Module):
     """ConvNeXt block, class attention, 2x up-sampling, fusion with both guidances, double conv.
 
-    It runs in two passes (see the module's docstring): `cnext` and `attention.accumulate` over all
+    It runs in two passes (see the module's docstring): `cnext` and `attention.class_sums` over all
     chunks of rows, then `forward` on each chunk.
     """
 
@@ -241,6 +233,11 @@ class UpStage(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, 2, stride=2)
         self.conv = DoubleConv(in_channels + guidance_channels, out_channels)
         self.guidance_channels = guidance_channels
+
+    def first_pass(self, x: torch.Tensor, pooling: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ConvNeXt block on a chunk (one image's rows) and the chunk's class sums."""
+        x = self.cnext(x)
+        return (x, *self.attention.class_sums(x, pooling))
 
     def appearance_term(self, appearance: torch.Tensor) -> torch.Tensor:
         """The appearance guidance's part of the first fusion conv, once per image.
@@ -256,21 +253,22 @@ class UpStage(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        sums: ClassSums,
+        kv: torch.Tensor,
+        k_sum: torch.Tensor,
         appearance_term: torch.Tensor,
         correlation: torch.Tensor,
-        segments: Sequence[Segment],
         pooling: int,
     ) -> torch.Tensor:
-        """The stage after its ConvNeXt block, for one chunk of rows (`x` is `cnext`'s output)."""
-        x = self.up(self.attention(x, sums, segments, pooling))
+        """The stage after its ConvNeXt block for one chunk (`x`: `cnext`'s output, one image's rows).
+
+        `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term.
+        """
+        x = self.up(self.attention(x, kv, k_sum, pooling))
         conv = self.conv.double_conv[0]
         c_up = x.shape[1]
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
         fused = F.conv2d(torch.cat([x, correlation], dim=1), per_class_weight, padding=conv.padding)
-        for image, first, end in segments:
-            fused[first:end] += appearance_term[image]
-        return self.conv.double_conv[1:](fused)
+        return self.conv.double_conv[1:](fused + appearance_term)
 
 
 class SEDDecoder(nn.Module):
@@ -333,8 +331,8 @@ class SEDDecoder(nn.Module):
             for proj, f in zip(self.decoder_guidance_projection, appearance_features)
         ]
 
-        spans = _spans_of_sizes(_chunk_sizes(rows.counts, chunk_rows))
-        chunks = [channels_last(self.conv1(self._cost_rows(cost, rows, first, end))) for first, end in spans]
+        spans = rows.chunk_spans(chunk_rows)
+        chunks = [channels_last(self.conv1(self._cost_rows(cost, rows, first, end))) for _, first, end in spans]
         stage_logits = [StageLogits(torch.cat([self.head0(x.detach()) for x in chunks]).squeeze(1), rows)]
         stages = (self.decoder1, self.decoder2, self.decoder3)
         heads = (self.head1, self.head2, self.head)
@@ -343,9 +341,10 @@ class SEDDecoder(nn.Module):
                 keep = early_reject(stage_logits[-1].logits, rows, top_k)
                 if not bool(keep.all()):
                     rows = rows.select(keep)
-                    chunks = _regroup(chunks, keep, _chunk_sizes(rows.counts, chunk_rows))
+                    spans = rows.chunk_spans(chunk_rows)
+                    chunks = _regroup(chunks, keep, [end - first for _, first, end in spans])
             last = level == len(stages) - 1
-            chunks, logits = self._up_stage(level, stage, head, chunks, cost, appearance[level], rows, pooling, last)
+            chunks, logits = self._up_stage(level, stage, head, chunks, spans, cost, appearance[level], rows, pooling, last)
             stage_logits.append(StageLogits(logits, rows))
         return [stage_logits[3], stage_logits[0], stage_logits[1], stage_logits[2]]
 
@@ -355,6 +354,7 @@ class SEDDecoder(nn.Module):
         stage: UpStage,
         head: nn.Conv2d,
         chunks: list[torch.Tensor],
+        spans: Sequence[tuple[int, int, int]],
         cost: torch.Tensor,
         appearance: torch.Tensor,
         rows: Rows,
@@ -366,17 +366,16 @@ class SEDDecoder(nn.Module):
         Each input chunk is released as soon as it is consumed, so at most one stage's input and
         one stage's output are held at a time (none for the last stage: only its logits are kept).
         """
-        spans = _spans_of_sizes([chunk.shape[0] for chunk in chunks])
         sums = ClassSums(len(rows.counts))
-        for i, (first, end) in enumerate(spans):
-            chunks[i] = stage.cnext(chunks[i])
-            stage.attention.accumulate(sums, chunks[i], rows.segments(first, end), pooling)
+        for i, (image, _, _) in enumerate(spans):
+            chunks[i], kv, k_sum = stage.first_pass(chunks[i], pooling)
+            sums.add(image, kv, k_sum)
         appearance_term = stage.appearance_term(appearance)
         outputs, logits = [], []
-        for i, (first, end) in enumerate(spans):
+        for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
             correlation = self._correlation(cost, rows, first, end, level)
-            y = stage(x, sums, appearance_term, correlation, rows.segments(first, end), pooling)
+            y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling)
             logits.append(head(y if last else y.detach()).squeeze(1))
             if not last:
                 outputs.append(y)
@@ -397,19 +396,6 @@ class SEDDecoder(nn.Module):
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = projection(x)
         return x
-
-
-def _chunk_sizes(counts: Sequence[int], size: int) -> list[int]:
-    """Chunks never span images, and each image's rows are cut the same way whatever its batch-mates."""
-    return [min(size, count - first) for count in counts for first in range(0, count, size)]
-
-
-def _spans_of_sizes(sizes: Sequence[int]) -> list[tuple[int, int]]:
-    spans, first = [], 0
-    for size in sizes:
-        spans.append((first, first + size))
-        first += size
-    return spans
 
 
 def _regroup(chunks: list[torch.Tensor], keep: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

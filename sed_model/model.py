@@ -119,6 +119,10 @@ class SED(nn.Module):
             )
         return encode_classes(self.backbone, classes, templates)
 
+    def drop_text_tower(self) -> None:
+        """Free the CLIP text tower where text embeddings come from elsewhere (`encode_classes` then raises)."""
+        self.backbone.drop_text_tower()
+
     # Images -------------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """uint8 `(B, 3, H, W)` or a list of `(3, H_i, W_i)` -> normalised `(B, 3, S, S)` float."""

@@ -12,13 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
+from .allocator import keep_freed_memory
 from .model import PRECISIONS, SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
 
 
 class SEDPredictor:
-    """`set_taxonomy` once, then `predict` / `predict_batch` many times."""
+    """`set_taxonomy` once, then `predict` / `predict_batch` many times.
+
+    On CPU it sets this process's allocator to keep freed memory for reuse (`allocator.py`): the
+    model's large temporaries then cost no fresh page faults at every call.
+    """
 
     def __init__(
         self,
@@ -34,6 +39,8 @@ class SEDPredictor:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.model = model.eval()
+        if self.model.device.type == "cpu":
+            keep_freed_memory()
         self.top_k = top_k
         self.short_edge = short_edge
         self.max_size = max_size

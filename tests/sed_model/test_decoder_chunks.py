@@ -6,20 +6,14 @@ import pytest
 import torch
 
 import sed_model
-from sed_model.decoder import Rows, _chunk_sizes, _regroup
+from sed_model.decoder import Rows, _regroup
 
 
-def test_segments_split_a_chunk_by_image():
-    rows = Rows(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long), [4, 0, 3, 2])
-    # Rows 0-3 image 0, 4-6 image 2, 7-8 image 3; a chunk of rows 3..8 meets all three.
-    assert rows.segments(3, 8) == [(0, 0, 1), (2, 1, 4), (3, 4, 5)]
-    assert rows.segments(0, 4) == [(0, 0, 4)]
-    assert rows.segments(4, 7) == [(2, 0, 3)]
-
-
-def test_chunks_never_span_images_and_are_cut_alike_in_every_batch():
-    assert _chunk_sizes([5, 0, 8, 3], 3) == [3, 2, 3, 3, 2, 3]
-    assert _chunk_sizes([5], 3) == [3, 2]  # image 0 alone is cut as in the batch above
+def test_chunk_spans_never_span_images_and_cut_each_image_alike_in_every_batch():
+    rows = Rows(torch.zeros(16, dtype=torch.long), torch.zeros(16, dtype=torch.long), [5, 0, 8, 3])
+    assert rows.chunk_spans(3) == [(0, 0, 3), (0, 3, 5), (2, 5, 8), (2, 8, 11), (2, 11, 13), (3, 13, 16)]
+    alone = Rows(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long), [5])
+    assert alone.chunk_spans(3) == [(0, 0, 3), (0, 3, 5)]  # image 0 is cut as in the batch above
 
 
 def test_regroup_keeps_order_and_regroups_to_the_given_sizes():

@@ -1,0 +1,62 @@
+"""The channels-last helpers compute what the layers define, fused or not; the allocator setting."""
+
+import pytest
+import torch
+from torch import nn
+
+from sed_model import layout
+from sed_model.allocator import keep_freed_memory
+
+
+@pytest.fixture
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(16, 64)
+
+
+@pytest.mark.parametrize("activation, module", [(None, nn.Identity()), ("gelu", nn.GELU()), ("relu", nn.ReLU())])
+def test_pointwise_equals_the_linear_layer_then_activation(linear, activation, module):
+    x = layout.channels_last(torch.randn(2, 16, 12, 10))
+    expected = module(linear(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    with torch.inference_mode():  # the fused oneDNN path on CPU
+        fused = layout.pointwise(x, linear, activation)
+    unfused = layout.pointwise(x, linear, activation)  # grad enabled: the plain path
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unfused, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_pointwise_keeps_gradients_outside_inference(linear):
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    layout.pointwise(x, linear, "gelu").sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None
+
+
+def test_fused_path_only_where_it_is_exact(linear):
+    x = torch.randn(1, 16, 4, 4)
+    with torch.inference_mode():
+        assert layout._can_fuse(x, linear)
+        assert not layout._can_fuse(x.double(), linear)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not layout._can_fuse(x, linear)
+    assert not layout._can_fuse(x, linear)  # autograd needs the plain path
+
+
+def test_activation_name_recognises_only_fusable_modules():
+    assert layout.activation_name(nn.GELU()) == "gelu"
+    assert layout.activation_name(nn.GELU(approximate="tanh")) is None
+    assert layout.activation_name(nn.ReLU()) == "relu"
+    assert layout.activation_name(nn.SiLU()) is None
+
+
+def test_channel_norm_is_layer_norm_over_channels():
+    norm = nn.LayerNorm(8)
+    x = layout.channels_last(torch.randn(2, 8, 5, 6))
+    expected = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(layout.channel_norm(x, norm), expected)
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    applied = keep_freed_memory()
+    assert applied == (platform.libc_ver()[0] == "glibc")
