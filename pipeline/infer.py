@@ -51,6 +51,7 @@ class SEDInference:
         if callable(text_features):  # fetched once per actor from wherever the executor keeps it
             text_features = text_features()
         self.predictor.set_taxonomy(classes, templates, text_features=torch.as_tensor(np.asarray(text_features)))
+        model_.drop_text_tower()  # the job computed the text embeddings once; actors never need the tower
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_index"])

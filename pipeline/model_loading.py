@@ -19,9 +19,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def model_config(spec: ModelSpec) -> sed_model.SEDConfig:
+    return sed_model.SEDConfig(clip_model=spec.clip_model, image_size=spec.image_size)
+
+
 def random_weights_hash(spec: ModelSpec) -> str:
     """Stands in for a checkpoint hash when the job runs on seeded random weights (the demo)."""
-    config = sed_model.SEDConfig(clip_model=spec.clip_model).describe()
+    config = model_config(spec).describe()
     payload = json.dumps({"random_seed": spec.seed, "config": config}, sort_keys=True)
     return "random-" + hashlib.sha256(payload.encode()).hexdigest()
 
@@ -30,10 +34,10 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[sed
     """The model in eval mode on `device`, and the sha256 of its checkpoint (or a random-weights id)."""
     if spec.weights is None:
         torch.manual_seed(spec.seed)
-        model = sed_model.build_sed(sed_model.SEDConfig(clip_model=spec.clip_model))
+        model = sed_model.build_sed(model_config(spec))
         return model.to(device).eval(), random_weights_hash(spec)
     model, info = sed_model.create_model(
-        sed_model.SEDConfig(clip_model=spec.clip_model), spec.weights, device, spec.storage_options
+        model_config(spec), spec.weights, device, spec.storage_options
     )
     return model, info.sha256
 

@@ -7,6 +7,7 @@ import uuid
 import sed_model
 from schemas import JobSpec
 
+from .model_loading import model_config
 from .storage import StorageError, filesystem, is_process_local
 from .taxonomy import Taxonomy, load_taxonomy
 
@@ -18,7 +19,7 @@ class PreflightError(ValueError):
 def preflight(spec: JobSpec) -> Taxonomy:
     """Check model, taxonomy, weights, input and output; return the resolved taxonomy."""
     try:
-        config = sed_model.SEDConfig(clip_model=spec.model.clip_model)
+        config = model_config(spec.model)
         config.open_clip_config()
     except (sed_model.UnknownModelError, ValueError) as exc:
         raise PreflightError(f"model.clip_model: {exc}") from exc
@@ -56,8 +57,11 @@ def _check_writable(field: str, url: str, storage_options: dict) -> None:
     try:
         fs, path = filesystem(url, storage_options)
         probe = f"{path.rstrip('/')}/.sed-label-write-test-{uuid.uuid4().hex}"
+        existed = fs.exists(path)
         fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
+        if not existed and fs.isdir(path) and not fs.ls(path):
+            fs.rmdir(path)  # a refused job leaves no trace; the job itself creates the folder
     except Exception as exc:  # permission denied, missing bucket, read-only file system...
         raise PreflightError(f"{field}: cannot write to {url!r}: {type(exc).__name__}: {exc}") from exc

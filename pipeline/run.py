@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+import sed_model
 from schemas import LABELS_SCHEMA_VERSION, JobSpec
 
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, OutputStore, job_fingerprint, redact
@@ -32,8 +33,8 @@ from .encode import encode_labels
 from .executor import connect_ray, quiet_ray_data
 from .infer import SEDInference
 from .model_loading import encode_taxonomy
+from .preflight import PreflightError
 from .read import read_and_decode
-from .storage import upload_file
 from .sources import inline_process_local_bytes, list_images, plan_shards
 from .taxonomy import Taxonomy, load_taxonomy
 from .writers import ShardWriter, coco_categories
@@ -41,7 +42,7 @@ from .writers import ShardWriter, coco_categories
 log = logging.getLogger("sed_label")
 
 READ_BLOCK_ROWS = 8  # plan rows per read task: small, so decoding spreads over the CPUs
-READ_TASK_MEMORY = 512 * 2**20
+READ_TASK_MEMORY = 768 * 2**20  # Ray Data measured up to 730 MiB per read task
 
 
 @dataclass
@@ -108,7 +109,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Callable[[str], No
     try:
         # The text embeddings are computed once per job, by one task, and shared by all actors.
         encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-        text_features, checkpoint_hash = ray.get(encode.remote(spec.model, list(taxonomy.classes), list(taxonomy.templates)))
+        try:
+            text_features, checkpoint_hash = ray.get(encode.remote(spec.model, list(taxonomy.classes), list(taxonomy.templates)))
+        except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
+            raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
         store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite)
         counts = pc.value_counts(plan.column("shard_id"))
         shard_sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
@@ -134,7 +138,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Callable[[str], No
     labelled_now = sum(m["images"] for shard, m in markers.items() if shard not in done_before)
     summary.images_per_second = round(labelled_now / summary.seconds, 3) if summary.seconds else 0.0
     summary.errors_by_reason = _errors_by_reason(store, markers)
-    if "coco" in spec.output.formats and (not summary.nothing_to_do or not store.fs.exists(store.path(MERGED_COCO_FILE))):
+    if "coco" in spec.output.formats and (not summary.nothing_to_do or not store.exists(MERGED_COCO_FILE)):
         merge_coco(store, taxonomy.classes, sorted(markers))
     store.write_json(SUMMARY_FILE, summary.to_dict())
     return summary
@@ -217,29 +221,47 @@ class _Job:
             "sed_label.job_fingerprint": self.fingerprint,
         }
         writers: dict[str, ShardWriter] = {}
-        committed = images = 0
-        for batch in self.dataset(text_ref, plan, pending).iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard in pc.unique(batch.column("shard_id")).to_pylist():
-                part = batch.filter(pc.equal(batch.column("shard_id"), shard))
-                writer = writers.get(shard)
-                if writer is None:
-                    writer = writers[shard] = ShardWriter(
-                        self.store, shard, self.shard_sizes[shard], self.spec.output.formats, self.taxonomy.classes, metadata
-                    )
-                writer.add(part)
-                if writer.complete:
-                    stats = writer.commit()
-                    del writers[shard]
-                    committed += 1
-                    images += stats["images"]
-                    rate = images / max(time.monotonic() - started, 1e-9)
-                    self.say(
-                        f"shard {shard} committed: {stats['ok']} ok, {stats['errors']} errors "
-                        f"[{committed}/{len(pending)} shards, {rate:.2f} images/s]"
-                    )
+        progress = {"shards": 0, "images": 0}
+        batches = iter(self.dataset(text_ref, plan, pending).iter_batches(batch_format="pyarrow", batch_size=None))
+        try:
+            for batch in batches:
+                self._write(batch, writers, metadata, progress, len(pending), started)
+        finally:
+            # On an error, stop the dataset's reads and actors now rather than when it is collected.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if writers:
             missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
             raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
+
+    def _write(
+        self,
+        batch: pa.Table,
+        writers: dict[str, ShardWriter],
+        metadata: dict[str, str],
+        progress: dict[str, int],
+        pending: int,
+        started: float,
+    ) -> None:
+        """Hand a batch's rows to their shards' writers; commit each shard as soon as it is complete."""
+        for shard in pc.unique(batch.column("shard_id")).to_pylist():
+            writer = writers.get(shard)
+            if writer is None:
+                writer = writers[shard] = ShardWriter(
+                    self.store, shard, self.shard_sizes[shard], self.spec.output.formats, self.taxonomy.classes, metadata
+                )
+            writer.add(batch.filter(pc.equal(batch.column("shard_id"), shard)))
+            if writer.complete:
+                stats = writer.commit()
+                del writers[shard]
+                progress["shards"] += 1
+                progress["images"] += stats["images"]
+                rate = progress["images"] / max(time.monotonic() - started, 1e-9)
+                self.say(
+                    f"shard {shard} committed: {stats['ok']} ok, {stats['errors']} errors "
+                    f"[{progress['shards']}/{pending} shards, {rate:.2f} images/s]"
+                )
 
 
 def _errors_by_reason(store: OutputStore, markers: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -248,8 +270,8 @@ def _errors_by_reason(store: OutputStore, markers: dict[str, dict[str, Any]]) ->
     for shard, marker in markers.items():
         if not marker["errors"]:
             continue
-        with store.fs.open(store.path(marker["files"][0]), "rb") as f:
-            errors = pq.read_table(f, columns=["error"]).column("error").drop_null().to_pylist()
+        table = pq.read_table(pa.BufferReader(store.read_bytes(marker["files"][0])), columns=["error"])
+        errors = table.column("error").drop_null().to_pylist()
         for message in errors:
             reason = message.split(":", 1)[0]
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -265,12 +287,12 @@ def merge_coco(store: OutputStore, classes: tuple[str, ...] | list[str], shards:
             out.write(f', "{key}": [')
             first = True
             for shard in shards:
-                for item in json.loads(store.fs.cat_file(store.path(COCO_DIR, f"{shard}.json")))[key]:
+                for item in json.loads(store.read_bytes(f"{COCO_DIR}/{shard}.json"))[key]:
                     out.write(("" if first else ", ") + json.dumps(item))
                     first = False
             out.write("]")
         out.write("}")
     try:
-        upload_file(store.fs, out.name, store.path(MERGED_COCO_FILE))
+        store.upload(MERGED_COCO_FILE, out.name)
     finally:
         os.unlink(out.name)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from schemas import InputSpec
 
+from .retry import with_retries
 from .storage import StorageError, filesystem, is_process_local, to_url
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"})
@@ -63,18 +64,19 @@ def _is_hidden(relative: str) -> bool:
 def list_images(spec: InputSpec) -> list[ImageRef]:
     """Every image of the input, in a deterministic order."""
     fs, path = filesystem(spec.url, spec.storage_options)
-    try:
+
+    def list_paths() -> tuple[str, list[str]]:
         if _has_glob(path):
             root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
-            paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        elif fs.isdir(path):
-            root = path.rstrip("/")
-            paths = sorted(fs.find(root))
-        elif fs.isfile(path):
-            root = posixpath.dirname(path)
-            paths = [path]
-        else:
-            raise InputError(f"input {spec.url!r} does not exist")
+            return root, sorted(p for p in fs.glob(path) if fs.isfile(p))
+        if fs.isdir(path):
+            return path.rstrip("/"), sorted(fs.find(path.rstrip("/")))
+        if fs.isfile(path):
+            return posixpath.dirname(path), [path]
+        raise InputError(f"input {spec.url!r} does not exist")
+
+    try:
+        root, paths = with_retries(list_paths, f"listing {spec.url}")
     except (OSError, PermissionError) as exc:
         raise StorageError(f"cannot list input {spec.url!r}: {type(exc).__name__}: {exc}") from exc
     refs: list[ImageRef] = []
@@ -84,9 +86,9 @@ def list_images(spec: InputSpec) -> list[ImageRef]:
             continue
         extension = posixpath.splitext(p)[1].lower()
         if extension == ".tar":
-            refs.extend(_tar_members(fs, p, relative))
+            refs.extend(with_retries(lambda: _tar_members(fs, p, relative), f"reading {to_url(fs, p)}"))
         elif extension == ".parquet":
-            refs.extend(_parquet_rows(fs, p, relative, spec))
+            refs.extend(with_retries(lambda: _parquet_rows(fs, p, relative, spec), f"reading {to_url(fs, p)}"))
         elif extension in IMAGE_EXTENSIONS:
             refs.append(ImageRef(relative, KIND_FILE, to_url(fs, p)))
     if not refs:
@@ -176,21 +178,25 @@ def read_images(rows: list[dict[str, Any]], image_column: str, storage_options: 
             parquet_rows.setdefault(row["source"], []).append(i)
         else:
             try:
-                fs, path = filesystem(row["source"], storage_options)
-                if row["kind"] == KIND_TAR:
-                    results[i] = fs.cat_file(path, start=row["offset"], end=row["offset"] + row["length"])
-                else:
-                    results[i] = fs.cat_file(path)
-            except Exception as exc:  # any backend error becomes this image's error row
+                results[i] = with_retries(lambda: _read_file(row, storage_options), f"reading {row['source']}")
+            except Exception as exc:  # a permanent or persisting error becomes this image's error row
                 results[i] = exc
     for source, indices in parquet_rows.items():
         try:
-            values = _read_parquet_cells(source, [rows[i]["offset"] for i in indices], image_column, storage_options)
+            offsets = [rows[i]["offset"] for i in indices]
+            values = with_retries(lambda: _read_parquet_cells(source, offsets, image_column, storage_options), f"reading {source}")
         except Exception as exc:  # the whole file failed: every image in it gets the reason
             values = [exc] * len(indices)
         for i, value in zip(indices, values):
             results[i] = value
     return results
+
+
+def _read_file(row: dict[str, Any], storage_options: dict[str, Any]) -> bytes:
+    fs, path = filesystem(row["source"], storage_options)
+    if row["kind"] == KIND_TAR:
+        return fs.cat_file(path, start=row["offset"], end=row["offset"] + row["length"])
+    return fs.cat_file(path)
 
 
 def _read_parquet_cells(source: str, row_numbers: list[int], column: str, storage_options: dict[str, Any]) -> list[bytes | Exception]:

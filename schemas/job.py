@@ -63,6 +63,9 @@ class ModelSpec(_Spec):
     weights: str | None = Field(description="SED checkpoint path/URL (.pth as released, or .safetensors); null = random weights (demo only: meaningless labels)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for reading the weights")
     seed: int = Field(0, description="seed of the random weights when weights is null")
+    image_size: int = Field(
+        768, ge=32, multiple_of=32, description="side of the square the model sees (768 as in the paper); smaller is faster and coarser"
+    )
 
 
 class InferenceSpec(_Spec):

@@ -7,6 +7,7 @@ import posixpath
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -138,8 +139,7 @@ def build_report(
     truth = _GroundTruth(ground_truth, classes, ground_truth_options or {}, semantics) if ground_truth else None
     markers = store.committed_shards()
     for shard, marker in sorted(markers.items()):
-        with store.fs.open(store.path(marker["files"][0]), "rb") as f:
-            table = pq.read_table(f)
+        table = pq.read_table(pa.BufferReader(store.read_bytes(marker["files"][0])))
         for row in table.to_pylist():
             stats.add_row(row)
             if truth is not None and row["status"] == "ok":

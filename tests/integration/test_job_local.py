@@ -5,15 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -145,31 +140,6 @@ def write_inputs_to_memory(fs):
     for name, (data, _, _) in inputs.items():
         fs.pipe_file(f"/images-{id(fs)}/{name}", data)
     return inputs
-
-
-def test_killed_job_resumes_without_duplicates(tmp_path, reference):
-    """Kill the CLI mid-job (SIGKILL, no cleanup), rerun: exactly one row per image."""
-    inputs = write_inputs(tmp_path / "images")
-    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    command = [sys.executable, "-m", "jobs.cli", "run", str(spec_file)]
-    markers = tmp_path / "out" / COMMITTED_DIR
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    committed_at_kill = len(list(markers.glob("*.json")))
-    assert 1 <= committed_at_kill < len(inputs), "the job should have been killed mid-way"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
-    rows = read_rows(OutputStore(spec.output.url))
-    assert sorted(r["image_id"] for r in rows) == sorted(inputs)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["images"] == len(inputs)
 
 
 def test_tar_shards_and_parquet_inputs(tmp_path, reference):

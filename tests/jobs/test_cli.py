@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from jobs.spec import SpecError, load_job_spec
 from schemas.export import SCHEMA_PATH, job_schema_json
+from tests.conftest import TINY_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -25,6 +26,20 @@ def demo_spec(tmp_path: Path) -> dict:
     spec["input"]["url"] = str(REPO / "jobs" / "demo_images")
     spec["output"]["url"] = str(tmp_path / "out")
     return spec
+
+
+class _CodePayload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def code_pickle(folder: Path) -> str:
+    """A .pth whose unpickling would run code."""
+    import torch
+
+    path = folder / "evil.pth"
+    torch.save({"model": _CodePayload()}, path)
+    return str(path)
 
 
 def write_spec(tmp_path: Path, spec: dict) -> Path:
@@ -77,6 +92,8 @@ def test_invalid_specs_name_the_field(tmp_path, change, message):
     [
         (lambda s, t: s["model"].update(clip_model="convnext_xxl"), "model.clip_model: unknown clip_model 'convnext_xxl'"),
         (lambda s, t: s["model"].update(weights=str(t / "missing.pth")), "model.weights"),
+        (lambda s, t: s["model"].update(clip_model="convnext_b", weights=str(TINY_CHECKPOINT)), "model.weights: "),  # another architecture
+        (lambda s, t: s["model"].update(weights=code_pickle(t)), "weights_only"),
         (lambda s, t: s["taxonomy"].update(templates=["a photo of a {}."] * 3), "exactly 80 templates"),
         (lambda s, t: s["taxonomy"].update(classes=str(t / "absent.json")), "taxonomy: cannot read"),
         (lambda s, t: s["input"].update(url=str(t / "no-images-here")), "input.url"),

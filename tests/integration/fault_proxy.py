@@ -1,0 +1,126 @@
+"""A TCP proxy in front of the S3 server that injects the faults object stores show in production.
+
+Modes (switched at any time; a switch drops the open connections, so the next request meets it):
+- `pass`: bytes flow both ways unchanged.
+- `refuse`: every connection is closed as soon as it is accepted (the client sees a reset).
+- `stall`: connections are accepted and held without an answer until the mode changes.
+- `deny`: every request is read and answered `403 AccessDenied` (credentials revoked mid-job).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import Counter
+
+DENIED = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+DENIED_BODY = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+
+
+class FaultProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.mode = "pass"
+        self.seen: Counter[str] = Counter()  # connections met per mode
+        self._changed = threading.Condition()
+        self._open: set[socket.socket] = set()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set(self, mode: str) -> None:
+        assert mode in ("pass", "refuse", "stall", "deny"), mode
+        with self._changed:
+            self.mode = mode
+            for connection in list(self._open):
+                _close(connection)
+            self._open.clear()
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        self.set("pass")
+        _close(self._server)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._changed:
+            mode = self.mode
+            self.seen[mode] += 1
+            while mode == "stall":
+                self._changed.wait()
+                mode = self.mode
+            if mode == "refuse":
+                _close(client)
+                return
+            self._open.add(client)
+        if mode == "deny":
+            _deny(client)
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            _close(client)
+            return
+        with self._changed:
+            self._open.add(upstream)
+        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        _pump(client, upstream)
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close(source)
+        _close(sink)
+
+
+def _deny(client: socket.socket) -> None:
+    """Read one request (head and Content-Length body), answer 403, close."""
+    try:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        client.sendall(DENIED % (len(DENIED_BODY), DENIED_BODY))
+    except OSError:
+        pass
+    finally:
+        _close(client)
+
+
+def _close(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    connection.close()

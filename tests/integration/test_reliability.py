@@ -1,0 +1,261 @@
+"""Faults injected into real jobs: a model actor killed, storage refusing, stalling and denying.
+
+Each job runs on the module's real local Ray; S3 is moto's server behind `FaultProxy`. "Identical
+labels" compares every Parquet column but the labelling time and the source URL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from pipeline import OutputStore, run_job
+from pipeline.commit import COMMITTED_DIR
+from pipeline.storage import StorageError
+from tests.conftest import TINY_CHECKPOINT
+
+from .conftest import free_port, huge_declared_png, image_bytes, tiny_job, write_inputs
+from .fault_proxy import FaultProxy
+from .helpers import read_rows
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+VOLATILE_COLUMNS = ("labeled_at", "source")
+
+
+def comparable(rows: list[dict]) -> dict[str, dict]:
+    return {r["image_id"]: {k: v for k, v in r.items() if k not in VOLATILE_COLUMNS} for r in rows}
+
+
+def run_in_thread(spec) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = run_job(spec)
+        except Exception as exc:  # handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def model_actor_pids() -> list[int]:
+    """Processes of Ray Data's actor pool (each hosts one SED): their title names the map worker."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"MapWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, reference):
+    """The reference run: the module's inputs, one image per shard and per batch, no faults."""
+    root = tmp_path_factory.mktemp("undisturbed")
+    inputs = write_inputs(root / "images")
+    spec = tiny_job(reference, str(root / "images"), str(root / "out"), input__shard_size=1, inference__batch_size=1)
+    run_job(spec)
+    return inputs, comparable(read_rows(OutputStore(spec.output.url)))
+
+
+def test_killed_model_actor_costs_a_retry_not_a_row(tmp_path, reference, undisturbed):
+    inputs, expected = undisturbed
+    write_inputs(tmp_path / "images")
+    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
+    markers = tmp_path / "out" / COMMITTED_DIR
+    thread, outcome = run_in_thread(spec)
+    wait_for(lambda: markers.exists() and any(markers.glob("*.json")), "the first committed shard")
+    victims = model_actor_pids()
+    assert victims, "no model actor process found"
+    assert len(list(markers.glob("*.json"))) < len(inputs), "the kill must land mid-job"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    rows = read_rows(OutputStore(spec.output.url))
+    assert len(rows) == len(inputs)  # exactly one row per image: nothing lost, nothing twice
+    assert comparable(rows) == expected
+    assert outcome["summary"].images == len(inputs)
+
+
+def test_killed_driver_costs_a_rerun(tmp_path, reference, undisturbed):
+    """Kill the CLI mid-job (SIGKILL to its whole process group, no cleanup), rerun: the same outputs."""
+    inputs, expected = undisturbed
+    write_inputs(tmp_path / "images")
+    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    command = [sys.executable, "-m", "jobs.cli", "run", str(spec_file)]
+    markers = tmp_path / "out" / COMMITTED_DIR
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: markers.exists() and any(markers.glob("*.json")), "the first committed shard")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    committed_at_kill = len(list(markers.glob("*.json")))
+    assert 1 <= committed_at_kill < len(inputs), "the job should have been killed mid-way"
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
+    rows = read_rows(OutputStore(spec.output.url))
+    assert len(rows) == len(inputs) and comparable(rows) == expected
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == len(inputs)
+
+
+@pytest.fixture
+def s3_job(s3_server, tmp_path, reference):
+    """An S3 job whose every request (reads in Ray workers, writes in the driver) goes through a FaultProxy."""
+    import s3fs
+
+    endpoint = s3_server["client_kwargs"]["endpoint_url"]
+    proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]))
+    direct = s3fs.S3FileSystem(**s3_server)
+    bucket = f"faults-{free_port()}"
+    direct.mkdir(bucket)
+    write_inputs(tmp_path / "images")
+    direct.put(str(tmp_path / "images") + "/", f"{bucket}/images/", recursive=True)
+    direct.put_file(str(TINY_CHECKPOINT), f"{bucket}/sed_tiny.pth")
+    options = {**s3_server, "client_kwargs": {"endpoint_url": proxy.endpoint}}
+    spec = tiny_job(
+        reference,
+        f"s3://{bucket}/images/",
+        f"s3://{bucket}/out/",
+        input__storage_options=options,
+        model__weights=f"s3://{bucket}/sed_tiny.pth",
+        model__storage_options=options,
+        output__storage_options=options,
+        input__shard_size=1,
+        inference__batch_size=1,
+    )
+    yield spec, proxy, direct, bucket
+    proxy.close()
+
+
+def committed_markers(direct, bucket: str) -> list[str]:
+    direct.invalidate_cache()
+    return direct.glob(f"{bucket}/out/{COMMITTED_DIR}/*.json")
+
+
+def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, undisturbed, s3_server, caplog):
+    spec, proxy, direct, bucket = s3_job
+    inputs, expected = undisturbed
+    thread, outcome = run_in_thread(spec)
+    wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
+    for fault in ("stall", "refuse"):  # each held for 3 s once the job has met it
+        proxy.set(fault)
+        wait_for(lambda: proxy.seen[fault] > 0, f"a request meeting {fault!r}")
+        time.sleep(3)
+    proxy.set("pass")
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert proxy.seen["refuse"] > 0 and proxy.seen["stall"] > 0, proxy.seen
+    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    assert len(rows) == len(inputs)
+    assert comparable(rows) == expected  # no transient fault became an error row
+    # Credentials never reach logs: the driver's, and every Ray process's log files.
+    secret = s3_server["secret"]
+    assert secret not in caplog.text
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    for path in logs.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undisturbed, s3_server):
+    spec, proxy, direct, bucket = s3_job
+    inputs, expected = undisturbed
+    thread, outcome = run_in_thread(spec)
+    wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
+    proxy.set("deny")
+    thread.join(timeout=600)
+    error = outcome.get("error")
+    assert isinstance(error, StorageError), outcome
+    assert "AccessDenied" in str(error) or "Access Denied" in str(error) or "PermissionError" in str(error), error
+    assert f"s3://{bucket}/out/" in str(error)  # names what could not be written
+
+    proxy.set("pass")
+    store = OutputStore(spec.output.url, s3_server)
+    committed = store.committed_shards()
+    assert 1 <= len(committed) < len(inputs)
+    kept = comparable(read_rows(store))
+    assert kept and all(kept[image] == expected[image] for image in kept)  # committed shards intact
+
+    summary = run_job(spec)  # access restored: the rerun finishes the job
+    assert summary.shards_done_before == len(committed)
+    rows = read_rows(store)
+    assert len(rows) == len(inputs) and comparable(rows) == expected
+
+
+def animated_gif() -> bytes:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def test_hostile_inputs_each_get_their_row_and_names_stay_inside_the_output(tmp_path, reference):
+    images = tmp_path / "images"
+    images.mkdir()
+    plain = image_bytes(64, 48, 11)
+    hostile = {
+        "bomb.png": (huge_declared_png(), "error", "over the limit"),
+        "zero.png": (b"", "error", "empty file"),
+        "truncated.png": (plain[: len(plain) // 3], "error", "truncated"),
+        "notes.jpg": (b"%PDF-1.4 not an image at all", "error", "not an image"),
+        "animated.gif": (animated_gif(), "ok", ""),
+        "png-named.jpg": (plain, "ok", ""),
+        "copy-of-png-named.png": (plain, "ok", ""),
+        "ünïcødé 图像 (1).png": (image_bytes(50, 40, 12), "ok", ""),
+        "n" * 200 + ".png": (image_bytes(30, 60, 13), "ok", ""),
+    }
+    for name, (data, _, _) in hostile.items():
+        (images / name).write_bytes(data)
+    # Parquet ids are free text: path tricks must not leak into output object names.
+    ids = ["../../escape", "/etc/passwd", "a/b\\c"]
+    table = pa.table({"name": ids, "image": [image_bytes(32, 32, 20 + i) for i in range(3)]})
+    pq.write_table(table, images / "table.parquet")
+    spec = tiny_job(reference, str(images), str(tmp_path / "out"), input__id_column="name", input__max_pixels=10_000_000)
+    summary = run_job(spec)
+
+    rows = {r["image_id"]: r for r in read_rows(OutputStore(spec.output.url))}
+    assert sorted(rows) == sorted([*hostile, *ids])
+    for name, (_, status, reason) in hostile.items():
+        assert rows[name]["status"] == status and reason in (rows[name]["error"] or ""), (name, rows[name]["error"])
+    assert all(rows[i]["status"] == "ok" for i in ids)
+    assert rows["png-named.jpg"]["labels"] == rows["copy-of-png-named.png"]["labels"]  # duplicates: same labels
+    assert summary.images == len(rows) and summary.errors == 4
+    out = (tmp_path / "out").resolve()
+    for path in out.rglob("*"):
+        assert path.resolve().is_relative_to(out), path
+        assert len(path.name.encode()) <= 255
+    assert not (tmp_path / "escape").exists() and not any(out.rglob("passwd*"))
