@@ -5,9 +5,11 @@
 
 For each size N it writes N small synthetic images (`--image-size`, JPEG) to a temporary folder,
 runs the whole job on a local Ray (the demo's tiny SED with random weights, at a 128x128 model
-input by default: the pipeline's load, not the model's, is what this measures), and samples every 0.5 s the resident memory of the driver (this process) and of every
-Ray worker process. It prints, per size: images per second, peak driver RSS, peak RSS of the
-largest worker and of all workers together, and checks that every image has exactly one row.
+input by default: the pipeline's load, not the model's, is what this measures), and samples
+every 0.5 s the memory of the driver and of every Ray worker process. It prints, per size: images
+per second, the peak private memory (and RSS) of the driver and of the largest worker, the peak
+private memory of all workers together, and checks that every image has exactly one row.
+Each job runs in a fresh process, so its driver peak owes nothing to the previous size.
 Memory that stays flat from the smaller to the larger size is what a job of millions needs: the
 driver holds only the rows of shards not yet committed, the workers only their batches.
 """
@@ -15,9 +17,11 @@ driver holds only the rows of shards not yet committed, the workers only their b
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -31,14 +35,22 @@ from schemas import JobSpec  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb(pid: str) -> float:
+def _memory_mb(pid: str) -> tuple[float, float]:
+    """(RSS, private memory) of a process in MB.
+
+    Private memory (RssAnon) leaves out shared libraries and the pages of Ray's object store that
+    the process has touched: those count in RSS, but the store is one pool of bounded size shared
+    by all processes, so a worker's RSS creeps up towards it as objects cycle through the pool.
+    """
+    fields = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon"):
+                fields[name] = int(value.split()[0]) / 1024
     except OSError:
         pass
-    return 0.0
+    return fields.get("VmRSS", 0.0), fields.get("RssAnon", 0.0)
 
 
 def _ray_worker_pids() -> list[str]:
@@ -54,11 +66,11 @@ def _ray_worker_pids() -> list[str]:
 
 
 class MemorySampler:
-    """Peak RSS of this process and of Ray's worker processes, sampled in a background thread."""
+    """Peak memory (RSS and private) of this process and of Ray's worker processes, sampled in a thread."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.driver = self.worker = self.workers = 0.0
+        self.peaks = dict.fromkeys(("driver_rss", "driver", "worker_rss", "worker", "workers"), 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -72,10 +84,16 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.driver = max(self.driver, _rss_mb("self"))
-            worker_rss = [_rss_mb(pid) for pid in _ray_worker_pids()]
-            self.worker = max([self.worker, *worker_rss])
-            self.workers = max(self.workers, sum(worker_rss))
+            driver_rss, driver = _memory_mb("self")
+            workers = [_memory_mb(pid) for pid in _ray_worker_pids()] or [(0.0, 0.0)]
+            sample = {
+                "driver_rss": driver_rss,
+                "driver": driver,
+                "worker_rss": max(rss for rss, _ in workers),
+                "worker": max(private for _, private in workers),
+                "workers": sum(private for _, private in workers),
+            }
+            self.peaks = {name: max(peak, sample[name]) for name, peak in self.peaks.items()}
 
 
 def make_spec(images: Path, output: Path, args: argparse.Namespace) -> JobSpec:
@@ -97,18 +115,25 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, float]:
         images = Path(tmp) / "images"
         write_images(images, size, (args.image_size, args.image_size))
         spec = make_spec(images, Path(tmp) / "out", args)
-        with MemorySampler() as memory:
-            summary = run_job(spec)
-        store = OutputStore(spec.output.url)
-        rows = sum(marker["images"] for marker in store.committed_shards().values())
-    if rows != size or summary.images != size:
-        sys.exit(f"{size} images in, {rows} rows out: the job lost or duplicated rows")
+        # The job runs in a fresh process: its driver's peak owes nothing to writing the images
+        # or to the previous size's job.
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(run_measured, spec).result()
+    if result["rows"] != size or result["images"] != size:
+        sys.exit(f"{size} images in, {result['rows']} rows out: the job lost or duplicated rows")
+    return result
+
+
+def run_measured(spec: JobSpec) -> dict[str, float]:
+    """Run the job, sampling memory; what `measure` reports."""
+    with MemorySampler() as memory:
+        summary = run_job(spec)
+    store = OutputStore(spec.output.url)
     return {
-        "images": size,
+        "images": summary.images,
+        "rows": sum(marker["images"] for marker in store.committed_shards().values()),
         "images_per_second": summary.images_per_second,
-        "driver_mb": memory.driver,
-        "worker_mb": memory.worker,
-        "workers_mb": memory.workers,
+        **memory.peaks,
     }
 
 
@@ -123,14 +148,16 @@ def main() -> None:
     parser.add_argument("--ray-cpus", type=int, default=None)
     args = parser.parse_args()
     results = [measure(size, args) for size in args.sizes]
-    print(f"{'images':>8} {'images/s':>9} {'driver peak MB':>15} {'largest worker MB':>18} {'all workers MB':>15}")
+    print("peak memory in MB: private (RssAnon) and, in brackets, RSS")
+    print(f"{'images':>8} {'images/s':>9} {'driver':>15} {'largest worker':>15} {'all workers':>12}")
     for r in results:
-        print(f"{r['images']:>8} {r['images_per_second']:>9.1f} {r['driver_mb']:>15.0f} {r['worker_mb']:>18.0f} {r['workers_mb']:>15.0f}")
+        print(
+            f"{r['images']:>8} {r['images_per_second']:>9.1f} {r['driver']:>7.0f} ({r['driver_rss']:>5.0f}) "
+            f"{r['worker']:>7.0f} ({r['worker_rss']:>5.0f}) {r['workers']:>12.0f}"
+        )
     first, last = results[0], results[-1]
-    print(
-        f"memory growth from {first['images']} to {last['images']} images: driver x{last['driver_mb'] / first['driver_mb']:.2f}, "
-        f"largest worker x{last['worker_mb'] / first['worker_mb']:.2f}, all workers x{last['workers_mb'] / first['workers_mb']:.2f}"
-    )
+    growth = ", ".join(f"{name} x{last[key] / first[key]:.2f}" for name, key in (("driver", "driver"), ("largest worker", "worker"), ("all workers", "workers")))
+    print(f"private memory growth from {first['images']} to {last['images']} images: {growth}")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,13 @@ from schemas import STATUS_OK, InferenceSpec, InputSpec, ModelSpec, RaySpec
 
 from .datasets import BenchmarkItem, DatasetError, DatasetSpec, PreparedDataset, read_prepared
 from .evaluate import SemSegEvaluator
-from .executor import connect_ray, quiet_ray_data
+from .executor import connect_ray, decoded_images, quiet_ray_data
 from .infer import SEDInference
 from .model_loading import encode_taxonomy
-from .read import read_and_decode
 from .score import score_labels
-from .sources import KIND_FILE, ImageRef, inline_process_local_bytes, plan_shards
+from .sources import KIND_FILE, ImageRef, plan_shards
 from .storage import filesystem, write_bytes
 
-READ_BLOCK_ROWS = 8  # images per read task, as the labelling job reads them
-READ_TASK_MEMORY = 512 * 2**20
 SUMMARY_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 PRESET_TITLES = {"convnext_b": "ConvNeXt-B", "convnext_l": "ConvNeXt-L"}
 
@@ -139,16 +136,7 @@ def _evaluate(
     classes = spec.evaluated_classes()
     source = InputSpec(url=settings.root, storage_options=settings.storage_options)
     plan = plan_shards([ImageRef(item.image_id, KIND_FILE, item.image_url) for item in items], shard_size=len(items))
-    plan = inline_process_local_bytes(plan, source)
-    ds = ray.data.from_arrow([plan.slice(i, READ_BLOCK_ROWS) for i in range(0, plan.num_rows, READ_BLOCK_ROWS)])
-    ds = ds.map_batches(
-        read_and_decode,
-        fn_kwargs={"image_column": source.image_column, "max_pixels": source.max_pixels, "storage_options": source.storage_options},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=1,
-        memory=READ_TASK_MEMORY,  # as in the labelling job: room for pixels, and no fusion into the actors
-    )
+    ds = decoded_images(plan, source)
     ds = ds.map_batches(
         SEDInference,
         fn_constructor_kwargs={

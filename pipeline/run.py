@@ -30,19 +30,15 @@ from schemas import LABELS_SCHEMA_VERSION, JobSpec
 
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, OutputStore, job_fingerprint, redact
 from .encode import encode_labels
-from .executor import connect_ray, quiet_ray_data
+from .executor import connect_ray, decoded_images, quiet_ray_data
 from .infer import SEDInference
 from .model_loading import encode_taxonomy
 from .preflight import PreflightError
-from .read import read_and_decode
-from .sources import inline_process_local_bytes, list_images, plan_shards
+from .sources import list_images, plan_shards
 from .taxonomy import Taxonomy, load_taxonomy
 from .writers import ShardWriter, coco_categories
 
 log = logging.getLogger("sed_label")
-
-READ_BLOCK_ROWS = 8  # plan rows per read task: small, so decoding spreads over the CPUs
-READ_TASK_MEMORY = 768 * 2**20  # Ray Data measured up to 730 MiB per read task
 
 
 @dataclass
@@ -167,24 +163,7 @@ class _Job:
 
     def dataset(self, text_ref: ray.ObjectRef, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
         spec = self.spec
-        rows = plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending)))
-        rows = inline_process_local_bytes(rows, spec.input)
-        blocks = [rows.slice(i, READ_BLOCK_ROWS) for i in range(0, rows.num_rows, READ_BLOCK_ROWS)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            read_and_decode,
-            fn_kwargs={
-                "image_column": spec.input.image_column,
-                "max_pixels": spec.input.max_pixels,
-                "storage_options": spec.input.storage_options,
-            },
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=1,
-            # Room for decoded pixels. Being a different resource request from the actors', it also
-            # keeps Ray Data from fusing decoding into the model actors, which only run the model.
-            memory=READ_TASK_MEMORY,
-        )
+        ds = decoded_images(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
         ds = ds.map_batches(
             SEDInference,
             fn_constructor_kwargs={

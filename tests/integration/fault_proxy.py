@@ -92,7 +92,12 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 
 
 def _deny(client: socket.socket) -> None:
-    """Read one request (head and Content-Length body), answer 403, close."""
+    """Read one request, answer 403, close.
+
+    As S3 does: a request sent with `Expect: 100-continue` (botocore's uploads) is answered after
+    its head, since its client sends the body only on "100 Continue" and would wait for it; other
+    requests are answered after their Content-Length body.
+    """
     try:
         data = b""
         while b"\r\n\r\n" not in data:
@@ -101,17 +106,23 @@ def _deny(client: socket.socket) -> None:
                 return
             data += chunk
         head, body = data.split(b"\r\n\r\n", 1)
-        length = 0
+        headers = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if headers.get(b"expect", b"").lower() == b"100-continue" else int(headers.get(b"content-length", 0))
         while len(body) < length:
             chunk = client.recv(65536)
             if not chunk:
                 break
             body += chunk
         client.sendall(DENIED % (len(DENIED_BODY), DENIED_BODY))
+        # A lingering close: closing with unread request bytes would reset the connection and
+        # could destroy the answer before the client reads it.
+        client.shutdown(socket.SHUT_WR)
+        client.settimeout(2)
+        while client.recv(65536):
+            pass
     except OSError:
         pass
     finally:

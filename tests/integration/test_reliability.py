@@ -1,4 +1,4 @@
-"""Faults injected into real jobs: a model actor or the driver killed, storage refusing and stalling.
+"""Faults injected into real jobs: a model actor or the driver killed, storage refusing, stalling and denying.
 
 Each job runs on the module's real local Ray; S3 is moto's server behind `FaultProxy`. "Identical
 labels" compares every Parquet column but the labelling time and the source URL.
@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import OutputStore, run_job
 from pipeline.commit import COMMITTED_DIR
+from pipeline.storage import StorageError
 from tests.conftest import TINY_CHECKPOINT
 
 from .conftest import free_port, huge_declared_png, image_bytes, tiny_job, write_inputs
@@ -186,6 +187,32 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
     for path in logs.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undisturbed, s3_server):
+    spec, proxy, direct, bucket = s3_job
+    inputs, expected = undisturbed
+    thread, outcome = run_in_thread(spec)
+    wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
+    proxy.set("deny")
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the job did not stop within 300 s of access being denied"
+    error = outcome.get("error")
+    assert isinstance(error, StorageError), outcome
+    assert "AccessDenied" in str(error) or "Access Denied" in str(error) or "PermissionError" in str(error), error
+    assert f"s3://{bucket}/out/" in str(error)  # names what could not be written
+
+    proxy.set("pass")
+    store = OutputStore(spec.output.url, s3_server)
+    committed = store.committed_shards()
+    assert 1 <= len(committed) < len(inputs)
+    kept = comparable(read_rows(store))
+    assert kept and all(kept[image] == expected[image] for image in kept)  # committed shards intact
+
+    summary = run_job(spec)  # access restored: the rerun finishes the job
+    assert summary.shards_done_before == len(committed)
+    rows = read_rows(store)
+    assert len(rows) == len(inputs) and comparable(rows) == expected
 
 
 def animated_gif() -> bytes:
