@@ -1,4 +1,4 @@
-"""SED (CVPR 2024) on upstream OpenCLIP: model, checkpoints, text, predictor and loss.
+"""SED (CVPR 2024) on upstream OpenCLIP: model, checkpoints, text, predictor, loss and training step.
 
     import sed_model
     model = sed_model.build_sed(sed_model.SEDConfig(clip_model="convnext_b"))
@@ -14,6 +14,7 @@ from .factory import create_model
 from .model import SED, Prediction, build_sed, cost_volume
 from .predictor import SEDPredictor
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes, taxonomy_hash
+from .train_step import Recipe, build_optimizer, build_schedule, train_step
 from .transforms import resize_shortest_edge
 
 __all__ = [
@@ -22,11 +23,14 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "PRESETS",
     "Prediction",
+    "Recipe",
     "SED",
     "SEDConfig",
     "SEDPredictor",
     "TaxonomyError",
     "UnknownModelError",
+    "build_optimizer",
+    "build_schedule",
     "build_sed",
     "cost_volume",
     "create_model",
@@ -37,4 +41,5 @@ __all__ = [
     "save_checkpoint",
     "sed_loss",
     "taxonomy_hash",
+    "train_step",
 ]
