@@ -16,9 +16,10 @@ from pipeline.report import build_report
 from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
 from pipeline.storage import StorageError
+from pipeline.train import TrainDataError, run_training
 from schemas import ModelSpec, RaySpec
 
-from .spec import SpecError, load_job_spec
+from .spec import SpecError, load_job_spec, load_train_spec
 from .submit import submit_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic-segmentation pseudo-labels with SED on Ray.")
@@ -156,6 +157,26 @@ def prepare(
         )
     except (DatasetError, StorageError) as exc:
         _fail(str(exc))
+
+
+@app.command()
+def train(spec_file: Path = typer.Argument(..., help="training spec (YAML)")) -> None:
+    """Train or fine-tune SED with the paper's recipe on Ray Train; rerun to resume an interrupted run."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        spec = load_train_spec(spec_file)
+        summary = run_training(spec)
+    except (SpecError, TrainDataError, StorageError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # model, checkpoint or Ray failures end the command with their message
+        _fail(f"{type(exc).__name__}: {exc}")
+    resumed = f" (resumed at iteration {summary.started_at_iteration})" if summary.started_at_iteration else ""
+    typer.echo(
+        f"trained {summary.iterations} iterations{resumed} in {summary.seconds:.1f} s; "
+        f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+    )
+    typer.echo(f"checkpoints: {', '.join(summary.checkpoints)}")
+    typer.echo(f"metrics: {summary.output_url}/metrics.jsonl")
 
 
 @app.command("eval")

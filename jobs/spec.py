@@ -1,4 +1,4 @@
-"""Reading a job spec file: YAML -> validated `JobSpec`, local paths made absolute."""
+"""Reading spec files: YAML -> validated `JobSpec` or `TrainSpec`, local paths made absolute."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from schemas import JobSpec
+from pydantic import BaseModel
+
+from schemas import JobSpec, TrainSpec
 
 
 class SpecError(ValueError):
@@ -19,28 +21,42 @@ def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def load_job_spec(path: str | Path) -> JobSpec:
-    path = Path(path)
+def _read_spec(path: Path, model: type[BaseModel], what: str, sections: str) -> BaseModel:
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise SpecError(f"cannot read job spec {path}: {exc}") from exc
+        raise SpecError(f"cannot read {what} {path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise SpecError(f"job spec {path} is not valid YAML: {exc}") from exc
+        raise SpecError(f"{what} {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise SpecError(f"job spec {path} must be a mapping with input, taxonomy, model and output")
+        raise SpecError(f"{what} {path} must be a mapping with {sections}")
     try:
-        spec = JobSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in error['loc']) or '(top level)'}: {error['msg']}" for error in exc.errors()
         )
-        raise SpecError(f"job spec {path} is invalid:\n{problems}") from None
-    # Ray workers may run in another directory: relative local paths mean "from here".
-    spec.input.url = _absolute(spec.input.url)
+        raise SpecError(f"{what} {path} is invalid:\n{problems}") from None
+
+
+def _absolute_model_and_taxonomy(spec: JobSpec | TrainSpec) -> None:
+    """Ray workers may run in another directory: relative local paths mean "from here"."""
     spec.output.url = _absolute(spec.output.url)
     if spec.model.weights is not None:
         spec.model.weights = _absolute(spec.model.weights)
     if isinstance(spec.taxonomy.classes, str):
         spec.taxonomy.classes = _absolute(spec.taxonomy.classes)
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    spec = _read_spec(Path(path), JobSpec, "job spec", "input, taxonomy, model and output")
+    spec.input.url = _absolute(spec.input.url)
+    _absolute_model_and_taxonomy(spec)
+    return spec
+
+
+def load_train_spec(path: str | Path) -> TrainSpec:
+    spec = _read_spec(Path(path), TrainSpec, "training spec", "data, taxonomy, model and output")
+    spec.data.url = _absolute(spec.data.url)
+    _absolute_model_and_taxonomy(spec)
     return spec

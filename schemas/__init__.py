@@ -1,6 +1,7 @@
-"""Data contracts of sed-label: the job spec (pydantic) and the output schemas (pyarrow)."""
+"""Data contracts of sed-label: the job and training specs (pydantic) and the output schemas (pyarrow)."""
 
 from .job import JOB_SPEC_VERSION, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
+from .train import TRAIN_SPEC_VERSION, RecipeSpec, TrainDataSpec, TrainOutputSpec, TrainScalingSpec, TrainSpec
 from .labels import (
     CLASS_LABEL,
     COCO_CATEGORY_OFFSET,
@@ -27,6 +28,12 @@ __all__ = [
     "STATUS_ERROR",
     "STATUS_OK",
     "TaxonomySpec",
+    "RecipeSpec",
+    "TRAIN_SPEC_VERSION",
+    "TrainDataSpec",
+    "TrainOutputSpec",
+    "TrainScalingSpec",
+    "TrainSpec",
     "png_unlabeled_value",
     "read_labels_table",
 ]

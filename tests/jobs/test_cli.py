@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.spec import SpecError, load_job_spec
-from schemas.export import SCHEMA_PATH, job_schema_json
+from schemas.export import SCHEMA_PATH, TRAIN_SCHEMA_PATH, job_schema_json, train_schema_json
 from tests.conftest import TINY_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,6 +19,7 @@ runner = CliRunner()
 
 def test_exported_json_schema_is_current():
     assert SCHEMA_PATH.read_text() == job_schema_json(), "run `python -m schemas.export`"
+    assert TRAIN_SCHEMA_PATH.read_text() == train_schema_json(), "run `python -m schemas.export`"
 
 
 def demo_spec(tmp_path: Path) -> dict:
@@ -115,3 +116,39 @@ def test_taxonomy_from_a_text_file(tmp_path):
     spec["taxonomy"]["classes"] = str(tmp_path / "classes.txt")
     result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
     assert result.exit_code == 0 and "3 classes" in result.output, result.output
+
+
+def test_train_refuses_a_bad_spec_naming_the_field(tmp_path):
+    spec = {
+        "data": {"url": str(tmp_path / "data")},
+        "taxonomy": {"classes": ["sky", "tree"]},
+        "model": {"clip_model": "convnext_b", "weights": None},
+        "recipe": {"batch_size": 3},
+        "output": {"url": str(tmp_path / "out")},
+        "scaling": {"num_workers": 2},
+    }
+    spec_file = tmp_path / "train.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(spec_file)])
+    assert result.exit_code == 2
+    assert "recipe.batch_size 3 is not divisible by scaling.num_workers 2" in result.output
+
+    spec["recipe"] = {"batch_size": 2, "learning_rate": 1e-3}
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(spec_file)])
+    assert result.exit_code == 2 and "recipe.learning_rate" in result.output
+
+
+def test_train_refuses_missing_data_before_starting_ray(tmp_path):
+    spec = {
+        "data": {"url": str(tmp_path / "nowhere")},
+        "taxonomy": {"classes": ["sky", "tree"]},
+        "model": {"clip_model": "convnext_b", "weights": None},
+        "output": {"url": str(tmp_path / "out")},
+    }
+    spec_file = tmp_path / "train.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(spec_file)])
+    assert result.exit_code == 2
+    assert f"data.url: {tmp_path / 'nowhere' / 'images'} is not a folder of images" in result.output
+    assert not (tmp_path / "out").exists()

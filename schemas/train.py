@@ -1,0 +1,70 @@
+"""The training spec: what SED trains on, with which recipe, where checkpoints go, on what Ray.
+
+Validated like the job spec (`extra="forbid"`); the recipe's defaults are the paper's (COCO-Stuff,
+80k iterations at batch 4 on 4 GPUs). Exported to `schemas/train.schema.json` by
+`python -m schemas.export`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .job import ModelSpec, RaySpec, TaxonomySpec, _Spec
+
+TRAIN_SPEC_VERSION = 1
+
+
+class TrainDataSpec(_Spec):
+    url: str = Field(description="fsspec URL of a folder with images/ and labels/: label maps are PNGs of class ids (255 = ignore) with the image's file stem")
+    images_dir: str = Field("images", description="folder of the images under url")
+    labels_dir: str = Field("labels", description="folder of the label maps under url")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecipeSpec(_Spec):
+    lr: float = Field(2e-4, gt=0)
+    image_tower_lr_multiplier: float = Field(0.01, ge=0, description="the CLIP image tower's learning rate, relative to lr")
+    weight_decay: float = Field(1e-4, ge=0, description="0 for normalisation layers and embeddings whatever this is")
+    iterations: int = Field(80_000, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per iteration over all workers together")
+    clip_grad_norm: float = Field(0.01, gt=0, description="total L2 norm of all trained gradients")
+    crop: int = Field(768, ge=32, description="random square crop; images are padded to a multiple of it")
+    short_edge: int = Field(768, ge=32)
+    max_long_edge: int = Field(2666, ge=32)
+    colour: bool = Field(True, description="SSD-style colour augmentation")
+    flip: bool = Field(True)
+    exclude_ignored: bool = Field(False, description="leave ignored pixels out of the loss (the paper counts them as negatives)")
+    seed: int = Field(0, description="data order and augmentation: a resumed run continues the same sequence")
+
+
+class TrainOutputSpec(_Spec):
+    url: str = Field(description="fsspec URL: checkpoints/, the resumable state and metrics.jsonl go here")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints (and one at the end)")
+
+
+class TrainScalingSpec(_Spec):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker, mixed precision")
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class TrainSpec(_Spec):
+    version: Literal[1] = TRAIN_SPEC_VERSION
+    data: TrainDataSpec
+    taxonomy: TaxonomySpec
+    model: ModelSpec
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    output: TrainOutputSpec
+    scaling: TrainScalingSpec = Field(default_factory=TrainScalingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _batch_divides_over_workers(self) -> "TrainSpec":
+        if self.recipe.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"recipe.batch_size {self.recipe.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
+            )
+        return self
