@@ -195,19 +195,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report({"iteration": done, "loss": record["loss"]})
 
 
-def run_training(spec: TrainSpec) -> TrainSummary:
-    """Train (or resume) as the spec says; returns where it started, the checkpoints and the losses."""
-    started = time.monotonic()
-    taxonomy = load_taxonomy(spec.taxonomy)
-    pairs = list_pairs(spec)
-    store = OutputStore(spec.output.url, spec.output.storage_options)
+def _fit(spec: TrainSpec, classes: tuple[str, ...], templates: tuple[str, ...], pairs: list[tuple[str, str]]) -> None:
+    """Encode the class texts once, then run the workers on Ray Train until the last iteration."""
     owns_ray = connect_ray(spec.ray)
     try:
         encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-        text, _ = ray.get(encode.remote(spec.model, list(taxonomy.classes), list(taxonomy.templates)))
-        start = 0
-        if store.exists(STATE_FILE):
-            start = int(torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)["iteration"])
+        text, _ = ray.get(encode.remote(spec.model, list(classes), list(templates)))
         with tempfile.TemporaryDirectory() as ray_storage:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,
@@ -225,6 +218,22 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def run_training(spec: TrainSpec) -> TrainSummary:
+    """Train (or resume) as the spec says; returns where it started, the checkpoints and the losses.
+
+    A run whose state is already at its last iteration starts nothing.
+    """
+    started = time.monotonic()
+    taxonomy = load_taxonomy(spec.taxonomy)
+    pairs = list_pairs(spec)
+    store = OutputStore(spec.output.url, spec.output.storage_options)
+    start = 0
+    if store.exists(STATE_FILE):
+        start = int(torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)["iteration"])
+    if start < spec.recipe.iterations:
+        _fit(spec, taxonomy.classes, taxonomy.templates, pairs)
     metrics = [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
     fs, root = filesystem(spec.output.url, spec.output.storage_options)
     checkpoints = sorted(to_url(fs, p) for p in fs.glob(posixpath.join(root.rstrip("/"), CHECKPOINT_DIR, "*.safetensors")))
