@@ -155,7 +155,7 @@ def _restore(store: OutputStore, model: torch.nn.Module, optimizer: torch.optim.
     return int(state["iteration"]), [m for m in metrics if m["iteration"] < state["iteration"]]
 
 
-def _save(store: OutputStore, spec: TrainSpec, model: sed_model.SED, optimizer: Any, schedule: Any, iteration: int, metrics: list[dict]) -> None:
+def _save(store: OutputStore, model: sed_model.SED, optimizer: Any, schedule: Any, iteration: int, metrics: list[dict]) -> None:
     """Checkpoint first, then metrics, then the state that makes a restart continue from here."""
     with tempfile.TemporaryDirectory() as tmp:
         local = f"{tmp}/model.safetensors"
@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = iteration + 1
         if done % spec.output.checkpoint_every == 0 or done == recipe.iterations:
             if rank == 0:
-                _save(store, spec, model, optimizer, schedule, done, metrics)
+                _save(store, model, optimizer, schedule, done, metrics)
             ray.train.report({"iteration": done, "loss": record["loss"]})
 
 
