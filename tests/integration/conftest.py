@@ -92,7 +92,8 @@ def tiny_job(reference: dict, input_url: str, output_url: str, **overrides: obje
     spec = {
         "input": {"url": input_url, "shard_size": 5, "max_pixels": 50_000_000},
         "taxonomy": {"classes": list(reference["classes"])},
-        "model": {"clip_model": reference["clip_cfg"], "weights": str(TINY_CHECKPOINT)},
+        # 256, not the paper's 768: the jobs' checks do not depend on the size, and it is 5x faster.
+        "model": {"clip_model": reference["clip_cfg"], "weights": str(TINY_CHECKPOINT), "image_size": 256},
         "inference": {"top_k": 2, "batch_size": 2},
         "output": {"url": output_url, "formats": ["parquet", "coco", "png"]},
         "ray": {"num_actors": 1},

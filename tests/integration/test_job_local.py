@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 from pipeline import JobConflictError, OutputStore, run_job
 from pipeline.commit import COMMITTED_DIR, JOB_FILE, MERGED_COCO_FILE
+from pipeline.model_loading import load_model
 
 from .conftest import tiny_job, write_inputs
 from .helpers import label_map_of, model_labels, read_rows
@@ -50,12 +51,13 @@ def test_decoding_conventions_reach_the_rows(finished_job):
     assert (rows["h_gray16.png"]["width"], rows["h_gray16.png"]["height"]) == (64, 48)
 
 
-def test_masks_equal_the_models_argmax_labels(finished_job, tiny_pooling1, reference):
+def test_masks_equal_the_models_argmax_labels(finished_job, reference):
     spec, inputs, _, store = finished_job
+    model, _ = load_model(spec.model)
     for row in read_rows(store):
         if row["status"] != "ok":
             continue
-        expected, kept = model_labels(tiny_pooling1, inputs[row["image_id"]][0], 2, reference["text_features"], reference["classes"])
+        expected, kept = model_labels(model, inputs[row["image_id"]][0], 2, reference["text_features"], reference["classes"])
         assert row["kept_classes"] == kept
         actual = label_map_of(row)
         assert (actual == expected).mean() > 0.999, row["image_id"]
@@ -116,8 +118,11 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, reference):
     after = read_rows(store)
     assert sorted(r["image_id"] for r in after) == sorted(inputs)
     for row in after:
-        assert row["labels"] == before[row["image_id"]]["labels"]
         assert row["status"] == before[row["image_id"]]["status"]
+        if row["status"] == "ok":
+            # Redone shards batch images with other neighbours, so oneDNN may round differently: the
+            # same labels up to near-ties.
+            assert (label_map_of(row) == label_map_of(before[row["image_id"]])).mean() > 0.999, row["image_id"]
 
 
 def test_memory_urls_for_input_and_output(reference):

@@ -29,7 +29,7 @@ from tests.conftest import TINY_CHECKPOINT
 
 from .conftest import free_port, huge_declared_png, image_bytes, tiny_job, write_inputs
 from .fault_proxy import FaultProxy
-from .helpers import read_rows
+from .helpers import label_map_of, read_rows
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -253,7 +253,8 @@ def test_hostile_inputs_each_get_their_row_and_names_stay_inside_the_output(tmp_
     for name, (_, status, reason) in hostile.items():
         assert rows[name]["status"] == status and reason in (rows[name]["error"] or ""), (name, rows[name]["error"])
     assert all(rows[i]["status"] == "ok" for i in ids)
-    assert rows["png-named.jpg"]["labels"] == rows["copy-of-png-named.png"]["labels"]  # duplicates: same labels
+    # Duplicates: the same labels, up to near-ties that batch neighbours may round differently.
+    assert (label_map_of(rows["png-named.jpg"]) == label_map_of(rows["copy-of-png-named.png"])).mean() > 0.999
     assert summary.images == len(rows) and summary.errors == 4
     out = (tmp_path / "out").resolve()
     for path in out.rglob("*"):

@@ -45,7 +45,7 @@ def ray_head(tmp_path):
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)  # `ray start --block` often ignores SIGTERM; the group is killed below
     except subprocess.TimeoutExpired:
         pass
     try:  # the head's daemons outlive `ray start --block`: end the whole group

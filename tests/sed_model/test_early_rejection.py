@@ -28,7 +28,7 @@ def test_early_reject_keeps_union_of_per_pixel_top_k_within_each_image():
 
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_batched_equals_per_image(tiny_pooling1, reference, cer_cases, top_k):
-    text = cer_cases["text_features"]
+    text = cer_cases["text_features"][:30]  # 30 of the 150 classes: enough for kept sets to differ
     # Different sizes and contents: the kept sets differ between the images.
     images = [reference["images"][0], reference["images"][1], reference["images"][0][:, 40:, :200].contiguous()]
     batched = tiny_pooling1.predict_batch(images, text, top_k=top_k)

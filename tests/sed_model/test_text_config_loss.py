@@ -109,7 +109,7 @@ class TestPredictor:
     @pytest.mark.parametrize("top_k", [None, 2])
     def test_label_batch_equals_argmax_of_probabilities(self, tiny_pooling1, reference, cer_cases, top_k):
         predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
-        predictor.set_taxonomy(cer_cases["classes"], text_features=cer_cases["text_features"])
+        predictor.set_taxonomy(cer_cases["classes"][:30], text_features=cer_cases["text_features"][:30])
         for prediction, labeling in zip(predictor.predict_batch(reference["images"]), predictor.label_batch(reference["images"])):
             probs = prediction.probs
             assert torch.equal(labeling.labels, probs.argmax(dim=0))
