@@ -16,7 +16,8 @@ from pipeline.report import build_report
 from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
 from pipeline.storage import StorageError
-from pipeline.train import TrainDataError, run_training
+from pipeline.train import run_training
+from pipeline.train_data import TrainDataError
 from schemas import ModelSpec, RaySpec
 
 from .spec import SpecError, load_job_spec, load_train_spec
@@ -175,6 +176,12 @@ def train(spec_file: Path = typer.Argument(..., help="training spec (YAML)")) ->
         f"trained {summary.iterations} iterations{resumed} in {summary.seconds:.1f} s; "
         f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
     )
+    if summary.validation is not None:
+        v = summary.validation
+        typer.echo(
+            f"validation at iteration {v['iteration'] + 1} ({v['val_images']} images): "
+            f"mIoU {v['val_mIoU']:.2f}, pACC {v['val_pACC']:.2f}"
+        )
     typer.echo(f"checkpoints: {', '.join(summary.checkpoints)}")
     typer.echo(f"metrics: {summary.output_url}/metrics.jsonl")
 

@@ -44,7 +44,7 @@ def _absolute_model_and_taxonomy(spec: JobSpec | TrainSpec) -> None:
     spec.output.url = _absolute(spec.output.url)
     if spec.model.weights is not None:
         spec.model.weights = _absolute(spec.model.weights)
-    if isinstance(spec.taxonomy.classes, str):
+    if spec.taxonomy is not None and isinstance(spec.taxonomy.classes, str):
         spec.taxonomy.classes = _absolute(spec.taxonomy.classes)
 
 
@@ -58,5 +58,7 @@ def load_job_spec(path: str | Path) -> JobSpec:
 def load_train_spec(path: str | Path) -> TrainSpec:
     spec = _read_spec(Path(path), TrainSpec, "training spec", "data, taxonomy, model and output")
     spec.data.url = _absolute(spec.data.url)
+    if spec.validation is not None:
+        spec.validation.url = _absolute(spec.validation.url)
     _absolute_model_and_taxonomy(spec)
     return spec

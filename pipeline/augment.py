@@ -2,7 +2,7 @@
 
     resize the short side to 768 (long side at most 2666; image bilinear, label nearest)
     -> random 768x768 crop -> SSD-style colour augmentation -> random horizontal flip
-    -> pad to a multiple of the crop (image 128, label 255)
+    -> pad to a multiple of the crop (image 128, label the ignore id, 255 unless the dataset says)
 
 The colour augmentation is detectron2's `ColorAugSSDTransform`: brightness +-32, then either
 contrast, saturation, hue or saturation, hue, contrast, each applied with probability 1/2
@@ -34,6 +34,7 @@ class AugmentSettings:
     contrast: tuple[float, float] = (0.5, 1.5)
     saturation: tuple[float, float] = (0.5, 1.5)
     hue_delta: int = 18  # OpenCV hue steps
+    ignore_label: int = IGNORE_LABEL  # what padding fills the label map with (PASCAL-Context-459: 459)
 
 
 def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, settings: AugmentSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +49,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, sett
         image = colour_ssd(image, rng, settings)
     if settings.flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    return pad_to_multiple(np.ascontiguousarray(image), np.ascontiguousarray(label), settings.crop)
+    return pad_to_multiple(np.ascontiguousarray(image), np.ascontiguousarray(label), settings.crop, settings.ignore_label)
 
 
 def resize_short_edge(image: np.ndarray, label: np.ndarray, short_edge: int, max_long_edge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,12 +107,14 @@ def colour_ssd(image: np.ndarray, rng: np.random.Generator, settings: AugmentSet
     return image
 
 
-def pad_to_multiple(image: np.ndarray, label: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_to_multiple(
+    image: np.ndarray, label: np.ndarray, multiple: int, ignore_label: int = IGNORE_LABEL
+) -> tuple[np.ndarray, np.ndarray]:
     """Pad bottom and right to a multiple of `multiple`: image with 128, label with the ignore id."""
     h, w = image.shape[:2]
     pad_h, pad_w = -h % multiple, -w % multiple
     if not (pad_h or pad_w):
         return image, label
     image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=PAD_IMAGE_VALUE)
-    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_LABEL)
+    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=ignore_label)
     return image, label

@@ -1,10 +1,13 @@
 """Training SED on Ray Train: the paper's recipe (`sed_model.train_step`) in DDP across workers.
 
-    pairs (image, label map) under an fsspec URL -> the paper's augmentation (`augment.py`)
-    -> `train_step` on each worker (DDP) -> every `checkpoint_every` iterations and at the end:
+    labelled images (`train_data.py`: a folder or a prepared benchmark) -> the paper's augmentation
+    -> `train_step` on each worker (DDP; mixed precision on GPU) -> every `validation.every`
+    iterations: mIoU on the validation images (`validation.py`, all workers) -> every
+    `checkpoint_every` iterations and at the end, written by rank 0:
        checkpoints/iter_NNNNNNN.safetensors (the project's format: `sed_model.load_checkpoint` and
-       the labelling job read it), state.pt (model, optimiser, schedule: what a resumed run needs)
-       and metrics.jsonl (losses, lr, gradient norm per iteration)
+       the labelling job read it), metrics.jsonl (losses averaged over the workers, lr, gradient
+       norm, validation metrics), tensorboard/ (the same, when tensorboard is installed) and
+       state.pt (model, optimiser, schedule, loss scale: what a resumed run needs)
 
 The data order is a function of (seed, iteration) alone, and training restarts from `state.pt`
 whenever it exists, so a run killed at any moment and started again (or a worker group restarted
@@ -23,33 +26,28 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from PIL import Image
+import torch.distributed as dist
 
 import sed_model
 from schemas import TrainSpec
 
-from .augment import AugmentSettings, augment
 from .commit import OutputStore
 from .executor import connect_ray
 from .model_loading import encode_taxonomy, load_model
-from .sources import IMAGE_EXTENSIONS
 from .storage import filesystem, to_url
-from .taxonomy import load_taxonomy
+from .tensorboard_log import TensorBoardLog
+from .train_data import LabelledData, check_class_count, labelled_data, load_batch, training_taxonomy
+from .validation import validate
 
 log = logging.getLogger("sed_label")
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class TrainDataError(ValueError):
-    """Training data that cannot be used; the message names the file."""
 
 
 @dataclass
@@ -60,88 +58,30 @@ class TrainSummary:
     checkpoints: list[str]
     first_loss: float | None
     last_loss: float | None
+    validation: dict[str, Any] | None  # the last evaluation: its iteration and val_* metrics
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def list_pairs(spec: TrainSpec) -> list[tuple[str, str]]:
-    """(image URL, label map URL) per image under `data.url/images_dir`, sorted; each needs its label."""
-    data = spec.data
-    fs, root = filesystem(data.url, data.storage_options)
-    images_root = posixpath.join(root.rstrip("/"), data.images_dir)
-    labels_root = posixpath.join(root.rstrip("/"), data.labels_dir)
-    if not fs.isdir(images_root):
-        raise TrainDataError(f"data.url: {to_url(fs, images_root)} is not a folder of images")
-    labels = {posixpath.splitext(posixpath.basename(p))[0]: p for p in fs.find(labels_root) if p.lower().endswith(".png")}
-    pairs = []
-    for path in sorted(fs.find(images_root)):
-        stem, extension = posixpath.splitext(posixpath.basename(path))
-        if extension.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if stem not in labels:
-            raise TrainDataError(f"data: image {to_url(fs, path)} has no label map {data.labels_dir}/{stem}.png")
-        pairs.append((to_url(fs, path), to_url(fs, labels[stem])))
-    if not pairs:
-        raise TrainDataError(f"data.url: no images in {to_url(fs, images_root)}")
-    return pairs
-
-
-def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) -> list[int]:
-    """The dataset indices of iteration `iteration`'s batch: epochs of seeded permutations, in order."""
-    indices = []
-    for position in range(iteration * batch_size, (iteration + 1) * batch_size):
-        epoch, offset = divmod(position, num_items)
-        indices.append(int(np.random.default_rng([seed, epoch]).permutation(num_items)[offset]))
-    return indices
-
-
-def _read_pair(image_url: str, label_url: str, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    fs, path = filesystem(image_url, storage_options)
-    try:
-        image = np.asarray(Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB"))
-    except Exception as exc:
-        raise TrainDataError(f"cannot read image {image_url}: {type(exc).__name__}: {exc}") from exc
-    fs, path = filesystem(label_url, storage_options)
-    label = np.asarray(Image.open(io.BytesIO(fs.cat_file(path))))
-    if label.ndim != 2:
-        raise TrainDataError(f"label map {label_url} must be single-channel class ids, got shape {label.shape}")
-    if label.shape != image.shape[:2]:
-        raise TrainDataError(f"label map {label_url} is {label.shape[::-1]}, its image {image.shape[1::-1]} (width, height)")
-    return image, label
-
-
-def load_batch(
-    spec: TrainSpec, pairs: list[tuple[str, str]], iteration: int, rank: int, world: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's share of iteration `iteration`'s batch: uint8 images `(b, 3, S, S)`, labels `(b, S, S)`."""
-    recipe = spec.recipe
-    settings = AugmentSettings(recipe.short_edge, recipe.max_long_edge, recipe.crop, recipe.colour, recipe.flip)
-    indices = batch_indices(iteration, recipe.batch_size, len(pairs), recipe.seed)
-    images, labels = [], []
-    for slot in range(rank, recipe.batch_size, world):
-        image, label = _read_pair(*pairs[indices[slot]], spec.data.storage_options)
-        # Each image's augmentation depends on (seed, iteration, slot) only: resumable, worker-independent.
-        image, label = augment(image, label, np.random.default_rng([recipe.seed, iteration, slot]), settings)
-        images.append(torch.from_numpy(image).permute(2, 0, 1))
-        labels.append(torch.from_numpy(label.astype(np.int64)))
-    size = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
-    if any(i.shape[-2:] != size for i in images):
-        raise TrainDataError(f"augmented images differ in size ({[tuple(i.shape[-2:]) for i in images]}); set recipe.crop")
-    return torch.stack(images), torch.stack(labels)
-
-
-def _recipe(spec: TrainSpec) -> sed_model.Recipe:
+def _recipe(spec: TrainSpec, device: torch.device) -> sed_model.Recipe:
     r = spec.recipe
-    return sed_model.Recipe(r.lr, r.image_tower_lr_multiplier, r.weight_decay, r.iterations, r.clip_grad_norm, r.exclude_ignored)
+    precision = sed_model.training_precision(r.precision, device)
+    return sed_model.Recipe(r.lr, r.image_tower_lr_multiplier, r.weight_decay, r.iterations, r.clip_grad_norm, r.exclude_ignored, precision)
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"{CHECKPOINT_DIR}/iter_{iteration:07d}.safetensors"
 
 
-def _restore(store: OutputStore, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> tuple[int, list[dict]]:
+def _read_metrics(store: OutputStore) -> list[dict[str, Any]]:
+    if not store.exists(METRICS_FILE):
+        return []
+    return [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
+
+
+def _restore(store: OutputStore, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any) -> tuple[int, list[dict]]:
     """Load `state.pt` if the output has one; return the iteration to start at and the metrics so far."""
     if not store.exists(STATE_FILE):
         return 0, []
@@ -149,22 +89,37 @@ def _restore(store: OutputStore, model: torch.nn.Module, optimizer: torch.optim.
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    metrics = []
-    if store.exists(METRICS_FILE):
-        metrics = [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
-    return int(state["iteration"]), [m for m in metrics if m["iteration"] < state["iteration"]]
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["iteration"]), [m for m in _read_metrics(store) if m["iteration"] < state["iteration"]]
 
 
-def _save(store: OutputStore, model: sed_model.SED, optimizer: Any, schedule: Any, iteration: int, metrics: list[dict]) -> None:
+def _save(store: OutputStore, model: sed_model.SED, optimizer: Any, schedule: Any, scaler: Any, iteration: int, metrics: list[dict]) -> None:
     """Checkpoint first, then metrics, then the state that makes a restart continue from here."""
     with tempfile.TemporaryDirectory() as tmp:
         local = f"{tmp}/model.safetensors"
         sed_model.save_checkpoint(model, local)
         store.upload(checkpoint_name(iteration), local)
     store.write(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    state = {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    state["scaler"] = scaler.state_dict() if scaler is not None else {}
     buffer = io.BytesIO()
-    torch.save({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+    torch.save(state, buffer)
     store.write(STATE_FILE, buffer.getvalue())
+
+
+def _mean_over_workers(record: dict[str, Any], world: int, device: torch.device) -> None:
+    """Each worker's losses are of its share of the batch: log their mean, the whole batch's loss."""
+    if world == 1:
+        return
+    names = [name for name in record if name.startswith("loss")]
+    values = torch.tensor([record[name] for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    record.update(zip(names, (values / world).tolist()))
+
+
+def _due(done: int, every: int, last: int) -> bool:
+    return done % every == 0 or done == last
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -174,37 +129,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     text = torch.from_numpy(ray.get(config["text"])).to(device)
-    pairs = config["pairs"]
+    data: LabelledData = config["data"]
+    validation: LabelledData | None = config["validation"]
     store = OutputStore(spec.output.url, spec.output.storage_options)
     torch.manual_seed(spec.recipe.seed)
     model, _ = load_model(spec.model, device)
-    recipe = _recipe(spec)
+    recipe = _recipe(spec, device)
     optimizer = sed_model.build_optimizer(model, recipe)
     schedule = sed_model.build_schedule(optimizer, recipe)
-    start, metrics = _restore(store, model, optimizer, schedule)
+    scaler = sed_model.build_grad_scaler(recipe, device)
+    start, metrics = _restore(store, model, optimizer, schedule, scaler)
     trained = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP across the workers
-    for iteration in range(start, recipe.iterations):
-        images, targets = load_batch(spec, pairs, iteration, rank, world)
-        record = sed_model.train_step(trained, images.to(device), targets.to(device), text, optimizer, schedule, recipe)
-        record["iteration"] = iteration
-        metrics.append(record)
-        done = iteration + 1
-        if done % spec.output.checkpoint_every == 0 or done == recipe.iterations:
-            if rank == 0:
-                _save(store, model, optimizer, schedule, done, metrics)
-            ray.train.report({"iteration": done, "loss": record["loss"]})
+    board = TensorBoardLog(store, spec.output.tensorboard and rank == 0)
+    try:
+        for iteration in range(start, recipe.iterations):
+            images, targets = load_batch(spec, data, iteration, rank, world)
+            record = sed_model.train_step(
+                trained, images.to(device), targets.to(device), text, optimizer, schedule, recipe, data.ignore_label, scaler
+            )
+            _mean_over_workers(record, world, device)
+            record["iteration"] = iteration
+            done = iteration + 1
+            if validation is not None and _due(done, spec.validation.every, recipe.iterations):
+                record.update(validate(model, text, config["classes"], validation, spec.validation.top_k, rank, world))
+            metrics.append(record)
+            board.add(record)
+            if _due(done, spec.output.checkpoint_every, recipe.iterations):
+                if rank == 0:
+                    _save(store, model, optimizer, schedule, scaler, done, metrics)
+                    board.upload()
+                ray.train.report({key: value for key, value in record.items() if key != "iteration"} | {"iteration": done})
+    finally:
+        board.close()
 
 
-def _fit(spec: TrainSpec, classes: tuple[str, ...], templates: tuple[str, ...], pairs: list[tuple[str, str]]) -> None:
+def _fit(spec: TrainSpec, classes: list[str], templates: list[str], data: LabelledData, validation: LabelledData | None) -> None:
     """Encode the class texts once, then run the workers on Ray Train until the last iteration."""
     owns_ray = connect_ray(spec.ray)
     try:
         encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-        text, _ = ray.get(encode.remote(spec.model, list(classes), list(templates)))
+        text, _ = ray.get(encode.remote(spec.model, classes, templates))
         with tempfile.TemporaryDirectory() as ray_storage:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={"spec": spec.model_dump(mode="json"), "text": ray.put(text.numpy()), "pairs": pairs},
+                train_loop_config={
+                    "spec": spec.model_dump(mode="json"),
+                    "text": ray.put(text.numpy()),
+                    "classes": classes,
+                    "data": data,
+                    "validation": validation,
+                },
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=spec.scaling.num_workers,
                     use_gpu=spec.scaling.use_gpu,
@@ -221,20 +195,29 @@ def _fit(spec: TrainSpec, classes: tuple[str, ...], templates: tuple[str, ...], 
 
 
 def run_training(spec: TrainSpec) -> TrainSummary:
-    """Train (or resume) as the spec says; returns where it started, the checkpoints and the losses.
+    """Train (or resume) as the spec says; returns where it started, the checkpoints, the losses and
+    the last validation.
 
     A run whose state is already at its last iteration starts nothing.
     """
     started = time.monotonic()
-    taxonomy = load_taxonomy(spec.taxonomy)
-    pairs = list_pairs(spec)
+    data = labelled_data(spec.data)
+    taxonomy = training_taxonomy(spec, data)
+    validation = None
+    if spec.validation is not None:
+        validation = labelled_data(spec.validation, "validation")
+        check_class_count(taxonomy, validation, "validation")
     store = OutputStore(spec.output.url, spec.output.storage_options)
     start = 0
     if store.exists(STATE_FILE):
         start = int(torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)["iteration"])
     if start < spec.recipe.iterations:
-        _fit(spec, taxonomy.classes, taxonomy.templates, pairs)
-    metrics = [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
+        _fit(spec, list(taxonomy.classes), list(taxonomy.templates), data, validation)
+    metrics = _read_metrics(store)
+    evaluations = [m for m in metrics if "val_mIoU" in m]
+    last_validation = None
+    if evaluations:
+        last_validation = {k: v for k, v in evaluations[-1].items() if k == "iteration" or k.startswith("val_")}
     fs, root = filesystem(spec.output.url, spec.output.storage_options)
     checkpoints = sorted(to_url(fs, p) for p in fs.glob(posixpath.join(root.rstrip("/"), CHECKPOINT_DIR, "*.safetensors")))
     return TrainSummary(
@@ -244,5 +227,6 @@ def run_training(spec: TrainSpec) -> TrainSummary:
         checkpoints=checkpoints,
         first_loss=metrics[0]["loss"] if metrics else None,
         last_loss=metrics[-1]["loss"] if metrics else None,
+        validation=last_validation,
         seconds=round(time.monotonic() - started, 3),
     )

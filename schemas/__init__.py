@@ -1,7 +1,7 @@
 """Data contracts of sed-label: the job and training specs (pydantic) and the output schemas (pyarrow)."""
 
 from .job import JOB_SPEC_VERSION, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
-from .train import TRAIN_SPEC_VERSION, RecipeSpec, TrainDataSpec, TrainOutputSpec, TrainScalingSpec, TrainSpec
+from .train import TRAIN_SPEC_VERSION, RecipeSpec, TrainDataSpec, TrainOutputSpec, TrainScalingSpec, TrainSpec, ValidationSpec
 from .labels import (
     CLASS_LABEL,
     COCO_CATEGORY_OFFSET,
@@ -34,6 +34,7 @@ __all__ = [
     "TrainOutputSpec",
     "TrainScalingSpec",
     "TrainSpec",
+    "ValidationSpec",
     "png_unlabeled_value",
     "read_labels_table",
 ]

@@ -17,10 +17,30 @@ TRAIN_SPEC_VERSION = 1
 
 
 class TrainDataSpec(_Spec):
-    url: str = Field(description="fsspec URL of a folder with images/ and labels/: label maps are PNGs of class ids (255 = ignore) with the image's file stem")
-    images_dir: str = Field("images", description="folder of the images under url")
-    labels_dir: str = Field("labels", description="folder of the label maps under url")
+    url: str = Field(
+        description="fsspec URL of a folder with images/ and labels/ (label maps: PNGs of class ids, 255 = ignore, "
+        "with the image's file stem), or of a benchmark folder written by `sed-label prepare` (see dataset)"
+    )
+    dataset: str | None = Field(
+        None,
+        description="the benchmark url holds, as prepared by `sed-label prepare NAME` (coco-stuff-171 is the paper's "
+        "training set); its classes are the taxonomy unless one is given; null = a folder of images/ and labels/",
+    )
+    images_dir: str = Field("images", description="folder of the images under url (folders only)")
+    labels_dir: str = Field("labels", description="folder of the label maps under url (folders only)")
+    limit: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _folders_only_without_dataset(self) -> "TrainDataSpec":
+        if self.dataset is not None and {"images_dir", "labels_dir"} & self.model_fields_set:
+            raise ValueError("images_dir and labels_dir apply to folders; a prepared dataset knows its files")
+        return self
+
+
+class ValidationSpec(TrainDataSpec):
+    every: int = Field(1000, ge=1, description="iterations between evaluations (and one at the end)")
+    top_k: int | None = Field(None, ge=1, description="early rejection while evaluating; null = exact, as the paper's main results")
 
 
 class RecipeSpec(_Spec):
@@ -37,12 +57,18 @@ class RecipeSpec(_Spec):
     flip: bool = Field(True)
     exclude_ignored: bool = Field(False, description="leave ignored pixels out of the loss (the paper counts them as negatives)")
     seed: int = Field(0, description="data order and augmentation: a resumed run continues the same sequence")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="autocast dtype of the forward: auto = bfloat16 on GPUs that have it, float16 (with loss scaling) "
+        "on older GPUs, float32 on CPU",
+    )
 
 
 class TrainOutputSpec(_Spec):
     url: str = Field(description="fsspec URL: checkpoints/, the resumable state and metrics.jsonl go here")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints (and one at the end)")
+    tensorboard: bool = Field(True, description="also write TensorBoard event files to tensorboard/ (when the tensorboard package is installed)")
 
 
 class TrainScalingSpec(_Spec):
@@ -54,12 +80,21 @@ class TrainScalingSpec(_Spec):
 class TrainSpec(_Spec):
     version: Literal[1] = TRAIN_SPEC_VERSION
     data: TrainDataSpec
-    taxonomy: TaxonomySpec
+    taxonomy: TaxonomySpec | None = Field(
+        None, description="the class names in label-id order; may be left out when data.dataset names a prepared benchmark"
+    )
+    validation: ValidationSpec | None = Field(None, description="labelled images evaluated (mIoU) during training, in the same ids")
     model: ModelSpec
     recipe: RecipeSpec = Field(default_factory=RecipeSpec)
     output: TrainOutputSpec
     scaling: TrainScalingSpec = Field(default_factory=TrainScalingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _taxonomy_known(self) -> "TrainSpec":
+        if self.taxonomy is None and self.data.dataset is None:
+            raise ValueError("taxonomy is required unless data.dataset names a prepared benchmark (whose classes it has)")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides_over_workers(self) -> "TrainSpec":

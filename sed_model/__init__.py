@@ -14,7 +14,7 @@ from .factory import create_model
 from .model import SED, Prediction, build_sed, cost_volume
 from .predictor import SEDPredictor
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes, taxonomy_hash
-from .train_step import Recipe, build_optimizer, build_schedule, train_step
+from .train_step import Recipe, build_grad_scaler, build_optimizer, build_schedule, train_step, training_precision
 from .transforms import resize_shortest_edge
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "SEDPredictor",
     "TaxonomyError",
     "UnknownModelError",
+    "build_grad_scaler",
     "build_optimizer",
     "build_schedule",
     "build_sed",
@@ -42,4 +43,5 @@ __all__ = [
     "sed_loss",
     "taxonomy_hash",
     "train_step",
+    "training_precision",
 ]

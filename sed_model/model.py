@@ -7,6 +7,7 @@ from the model's parameters: nothing here calls `.cuda()`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,7 +157,8 @@ class SED(nn.Module):
             )
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
-        autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+        # float32 enters no autocast context of its own, so a caller's (mixed-precision training) applies.
+        autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext
         with autocast():
             features = self.dense_features(images)
         cost = cost_volume(features["clip_vis_dense"].float(), text.to(self.device, torch.float32))

@@ -9,6 +9,10 @@ As SED's code sets it up (detectron2's optimiser and solver settings of the rele
 - gradient clipping of all trained parameters together at total L2 norm 0.01;
 - the four BCE losses of `sed_loss`, summed.
 
+Mixed precision (not in the paper's configs, which train in float32; GPU runs here use it by
+default): the forward and the losses under `torch.autocast` in bfloat16, or in float16 with a
+`GradScaler` (gradients unscaled before clipping, so the clipping norm means the same).
+
 Executors (Ray Train in `pipeline`, a plain loop in tests) call `train_step` once per iteration.
 """
 
@@ -25,6 +29,8 @@ from .loss import IGNORE_LABEL, sed_loss
 from .model import SED
 
 IMAGE_TOWER_PREFIX = "backbone.clip.visual."
+TRAINING_PRECISIONS = ("float32", "bfloat16", "float16")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)  # timm's LayerNorm2d is a LayerNorm
 
 
@@ -38,8 +44,11 @@ class Recipe:
     iterations: int = 80_000
     clip_grad_norm: float = 0.01
     exclude_ignored: bool = False  # the paper counts ignored pixels as negatives of every class
+    precision: str = "float32"  # autocast dtype of the forward; "float16" needs a GradScaler
 
     def __post_init__(self) -> None:
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"recipe.precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}")
         for name in ("lr", "iterations", "clip_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"recipe.{name} must be > 0, got {getattr(self, name)}")
@@ -102,6 +111,21 @@ def build_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: cosine_factor(iteration, recipe.iterations))
 
 
+def training_precision(requested: str, device: torch.device | str) -> str:
+    """Resolve "auto": bfloat16 on GPUs that run it, float16 on older GPUs, float32 on CPU."""
+    if requested != "auto":
+        return requested
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def build_grad_scaler(recipe: Recipe, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling (its range underflows small gradients); other precisions do not."""
+    return torch.amp.GradScaler(torch.device(device).type) if recipe.precision == "float16" else None
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -111,23 +135,35 @@ def train_step(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     recipe: Recipe,
     ignore_label: int = IGNORE_LABEL,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One iteration: forward in training mode, the four losses, backward, clipping, AdamW, schedule.
 
     `model` is an `SED` or a wrapper calling its forward (DDP); `images` `(B, 3, H, W)` uint8,
-    `targets` `(B, H, W)` int64 with `ignore_label`, `text` the classes' `(T, P, D)` embeddings.
-    Returns the losses, their sum, the gradient norm before clipping and the decoder's learning rate
-    in this step.
+    `targets` `(B, H, W)` int64 with `ignore_label`, `text` the classes' `(T, P, D)` embeddings;
+    `scaler` from `build_grad_scaler` (float16 only). Returns the losses, their sum, the gradient
+    norm before clipping and the decoder's learning rate in this step.
     """
+    if (recipe.precision == "float16") != (scaler is not None):
+        raise ValueError("float16 training needs a GradScaler (build_grad_scaler), and only float16 takes one")
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    losses = sed_loss(model(images, text), targets, ignore_label, exclude_ignored=recipe.exclude_ignored)
+    dtype = AUTOCAST_DTYPES.get(recipe.precision)
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        losses = sed_loss(model(images, text), targets, ignore_label, exclude_ignored=recipe.exclude_ignored)
     total = sum(losses.values())
-    total.backward()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, recipe.clip_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if scaler is None:
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, recipe.clip_grad_norm)
+        optimizer.step()
+    else:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, recipe.clip_grad_norm)
+        scaler.step(optimizer)  # skipped when the gradients overflowed
+        scaler.update()
     schedule.step()
     record = {name: float(value.detach()) for name, value in losses.items()}
     record.update(loss=float(total.detach()), grad_norm=float(grad_norm), lr=lr)

@@ -139,6 +139,16 @@ def test_train_refuses_a_bad_spec_naming_the_field(tmp_path):
     result = runner.invoke(app, ["train", str(spec_file)])
     assert result.exit_code == 2 and "recipe.learning_rate" in result.output
 
+    for change, message in (
+        ({"taxonomy": None}, "taxonomy is required unless data.dataset names a prepared benchmark"),
+        ({"data": {"url": "x", "dataset": "coco-stuff-171", "images_dir": "jpg"}}, "images_dir and labels_dir apply to folders"),
+        ({"recipe": {"precision": "float8"}}, "recipe.precision"),
+        ({"validation": {"url": "x", "every": 0}}, "validation.every"),
+    ):
+        spec_file.write_text(yaml.safe_dump({**spec, "recipe": {"batch_size": 2}, **change}))
+        result = runner.invoke(app, ["train", str(spec_file)])
+        assert result.exit_code == 2 and message in result.output, result.output
+
 
 def test_train_refuses_missing_data_before_starting_ray(tmp_path):
     spec = {

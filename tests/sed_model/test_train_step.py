@@ -100,3 +100,47 @@ def test_recipe_refuses_meaningless_settings():
         Recipe(lr=0)
     with pytest.raises(ValueError, match="recipe.iterations"):
         Recipe(iterations=0)
+    with pytest.raises(ValueError, match="recipe.precision"):
+        Recipe(precision="float64")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_runs_the_forward_in_half_precision_and_trains(reference, precision):
+    images = torch.stack(reference["train_images"])
+    targets, text = reference["train_target"], reference["text_features"]
+
+    def run(precision: str) -> tuple[list[dict], torch.dtype, sed_model.SED]:
+        torch.manual_seed(0)
+        model = small_tiny_model(reference)
+        recipe = Recipe(lr=1e-3, iterations=100, precision=precision)
+        optimizer = sed_model.build_optimizer(model, recipe)
+        schedule = sed_model.build_schedule(optimizer, recipe)
+        scaler = sed_model.build_grad_scaler(recipe, "cpu")
+        dtypes = []
+        hook = model.decoder.conv1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        records = [sed_model.train_step(model, images, targets, text, optimizer, schedule, recipe, scaler=scaler) for _ in range(4)]
+        hook.remove()
+        return records, dtypes[0], model
+
+    exact, exact_dtype, _ = run("float32")
+    mixed, mixed_dtype, model = run(precision)
+    assert exact_dtype == torch.float32 and mixed_dtype == getattr(torch, precision)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimiser stay float32
+    assert mixed[0]["loss"] == pytest.approx(exact[0]["loss"], rel=0.02)
+    assert mixed[-1]["loss"] < 0.95 * mixed[0]["loss"]
+    # Gradients are unscaled before clipping: the norm is the true one, not the scaled one.
+    assert mixed[0]["grad_norm"] == pytest.approx(exact[0]["grad_norm"], rel=0.1)
+
+
+def test_precision_resolution_and_the_scaler_rule(reference):
+    assert sed_model.training_precision("auto", "cpu") == "float32"
+    assert sed_model.training_precision("bfloat16", "cpu") == "bfloat16"
+    assert sed_model.build_grad_scaler(Recipe(precision="bfloat16"), "cpu") is None
+    model = small_tiny_model(reference)
+    recipe = Recipe(precision="float16")
+    optimizer = sed_model.build_optimizer(model, recipe)
+    with pytest.raises(ValueError, match="GradScaler"):
+        sed_model.train_step(
+            model, torch.stack(reference["train_images"]), reference["train_target"], reference["text_features"],
+            optimizer, sed_model.build_schedule(optimizer, recipe), recipe,
+        )

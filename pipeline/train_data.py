@@ -1,0 +1,138 @@
+"""Labelled images for training and validation: where they come from, their batches, their classes.
+
+    a folder (`data.url` with images/ + labels/, any fsspec URL) -> items sorted by name, ignore 255
+    a benchmark prepared by `sed-label prepare NAME` (`data.dataset`) -> its items and ignore id
+    -> `batch_indices(iteration)`: epochs of seeded permutations -> `load_batch`: read, augment
+
+The batches are a function of (seed, iteration) alone, so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import sed_model
+from schemas import TrainDataSpec, TrainSpec
+
+from .augment import IGNORE_LABEL, AugmentSettings, augment
+from .datasets import BenchmarkItem, DatasetError, DatasetSpec, read_label_map, read_prepared
+from .sources import IMAGE_EXTENSIONS
+from .storage import filesystem, to_url
+from .taxonomy import Taxonomy, load_taxonomy
+
+
+class TrainDataError(ValueError):
+    """Training or validation data that cannot be used; the message names the field or the file."""
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    items: list[BenchmarkItem]
+    ignore_label: int
+    dataset: DatasetSpec | None  # the prepared benchmark the items come from, if any
+    storage_options: dict[str, Any]
+
+
+def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
+    """The items `data` names (the first `data.limit` of them); `field` names the spec section in errors."""
+    if data.dataset is not None:
+        try:
+            prepared = read_prepared(data.dataset, data.url, data.storage_options)
+        except DatasetError as exc:
+            raise TrainDataError(f"{field}: {exc}") from exc
+        items, ignore_label, dataset = prepared.items, prepared.spec.ignore_label, prepared.spec
+    else:
+        items, ignore_label, dataset = _folder_items(data, field), IGNORE_LABEL, None
+    if not items:
+        raise TrainDataError(f"{field}.url: no labelled images in {data.url}")
+    return LabelledData(items[: data.limit], ignore_label, dataset, data.storage_options)
+
+
+def _folder_items(data: TrainDataSpec, field: str) -> list[BenchmarkItem]:
+    fs, root = filesystem(data.url, data.storage_options)
+    images_root = posixpath.join(root.rstrip("/"), data.images_dir)
+    labels_root = posixpath.join(root.rstrip("/"), data.labels_dir)
+    if not fs.isdir(images_root):
+        raise TrainDataError(f"{field}.url: {to_url(fs, images_root)} is not a folder of images")
+    labels = {posixpath.splitext(posixpath.basename(p))[0]: p for p in fs.find(labels_root) if p.lower().endswith(".png")}
+    items = []
+    for path in sorted(fs.find(images_root)):
+        stem, extension = posixpath.splitext(posixpath.basename(path))
+        if extension.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if stem not in labels:
+            raise TrainDataError(f"{field}: image {to_url(fs, path)} has no label map {data.labels_dir}/{stem}.png")
+        items.append(BenchmarkItem(stem, to_url(fs, path), to_url(fs, labels[stem])))
+    return items
+
+
+def training_taxonomy(spec: TrainSpec, data: LabelledData) -> Taxonomy:
+    """The spec's taxonomy, or the prepared benchmark's classes with the paper's templates."""
+    if spec.taxonomy is None:
+        if data.dataset is None:
+            raise TrainDataError("taxonomy is required unless data.dataset names a prepared benchmark")
+        return Taxonomy(tuple(data.dataset.prompts()), tuple(sed_model.IMAGENET_TEMPLATES))
+    taxonomy = load_taxonomy(spec.taxonomy)
+    check_class_count(taxonomy, data, "data")
+    return taxonomy
+
+
+def check_class_count(taxonomy: Taxonomy, data: LabelledData, field: str) -> None:
+    """A benchmark's label ids index its own class list: the taxonomy must have as many classes."""
+    if data.dataset is not None and len(taxonomy.classes) != len(data.dataset.prompts()):
+        raise TrainDataError(
+            f"taxonomy has {len(taxonomy.classes)} classes, but {field}.dataset {data.dataset.name} "
+            f"labels {len(data.dataset.prompts())}; its label ids would name other classes"
+        )
+
+
+def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) -> list[int]:
+    """The dataset indices of iteration `iteration`'s batch: epochs of seeded permutations, in order."""
+    indices = []
+    for position in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, offset = divmod(position, num_items)
+        indices.append(int(np.random.default_rng([seed, epoch]).permutation(num_items)[offset]))
+    return indices
+
+
+def read_pair(item: BenchmarkItem, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The item's RGB image `(H, W, 3)` uint8 and its label map `(H, W)` uint8/uint16, checked alike in size."""
+    fs, path = filesystem(item.image_url, storage_options)
+    try:
+        image = np.asarray(Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB"))
+    except Exception as exc:
+        raise TrainDataError(f"cannot read image {item.image_url}: {type(exc).__name__}: {exc}") from exc
+    try:
+        label = read_label_map(item.label_url, storage_options)
+    except (DatasetError, OSError) as exc:
+        raise TrainDataError(f"cannot read label map {item.label_url}: {exc}") from exc
+    if label.shape != image.shape[:2]:
+        raise TrainDataError(f"label map {item.label_url} is {label.shape[::-1]}, its image {image.shape[1::-1]} (width, height)")
+    return image, label
+
+
+def load_batch(spec: TrainSpec, data: LabelledData, iteration: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's share of iteration `iteration`'s batch: uint8 images `(b, 3, S, S)`, labels `(b, S, S)`."""
+    recipe = spec.recipe
+    settings = AugmentSettings(
+        recipe.short_edge, recipe.max_long_edge, recipe.crop, recipe.colour, recipe.flip, ignore_label=data.ignore_label
+    )
+    indices = batch_indices(iteration, recipe.batch_size, len(data.items), recipe.seed)
+    images, labels = [], []
+    for slot in range(rank, recipe.batch_size, world):
+        image, label = read_pair(data.items[indices[slot]], data.storage_options)
+        # Each image's augmentation depends on (seed, iteration, slot) only: resumable, worker-independent.
+        image, label = augment(image, label, np.random.default_rng([recipe.seed, iteration, slot]), settings)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        labels.append(torch.from_numpy(label.astype(np.int64)))
+    size = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+    if any(i.shape[-2:] != size for i in images):
+        raise TrainDataError(f"augmented images differ in size ({[tuple(i.shape[-2:]) for i in images]}); set recipe.crop")
+    return torch.stack(images), torch.stack(labels)

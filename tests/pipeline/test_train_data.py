@@ -1,0 +1,102 @@
+"""Training data: folders and prepared benchmarks, their taxonomy and ignore id, and the batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sed_model
+from pipeline.datasets import get_dataset
+from pipeline.datasets.prepared import PreparedWriter
+from pipeline.datasets.raw import Sample
+from pipeline.train_data import TrainDataError, batch_indices, labelled_data, load_batch, training_taxonomy
+from schemas import TrainSpec
+
+
+def write_folder(root: Path, count: int = 2, size: int = 32) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(root / "images" / f"img{i}.jpg")
+        Image.fromarray(np.full((size, size), i, np.uint8)).save(root / "labels" / f"img{i}.png")
+
+
+def write_prepared_pc459(root: Path) -> None:
+    """A prepared PASCAL-Context-459 folder (uint16 TIFF label maps, ignore id 459), as `prepare` writes it."""
+    spec = get_dataset("pascal-context-459")
+    writer = PreparedWriter(spec, "val", str(root))
+    for i, (width, height) in enumerate([(48, 40), (40, 48)]):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((height, width, 3), 100, np.uint8)).save(buffer, format="JPEG")
+        labels = np.full((height, width), 300 + i, np.uint16)
+        labels[0, 0] = spec.ignore_label
+        writer.add(Sample(f"2008_00000{i}", buffer.getvalue(), ".jpg", labels))
+    writer.finish("raw", [], None)
+
+
+def spec_for(data: dict, taxonomy: list[str] | None = None, **recipe) -> TrainSpec:
+    return TrainSpec.model_validate(
+        {
+            "data": data,
+            "taxonomy": {"classes": taxonomy} if taxonomy else None,
+            "model": {"clip_model": "convnext_b", "weights": None},
+            "recipe": {"batch_size": 2, **recipe},
+            "output": {"url": "memory://unused"},
+        }
+    )
+
+
+def test_a_folder_gives_sorted_pairs_with_ignore_255_and_its_limit(tmp_path):
+    write_folder(tmp_path / "data", count=3)
+    data = labelled_data(spec_for({"url": str(tmp_path / "data")}, ["a", "b", "c"]).data)
+    assert [item.image_id for item in data.items] == ["img0", "img1", "img2"] and data.ignore_label == 255
+    assert data.dataset is None
+    limited = labelled_data(spec_for({"url": str(tmp_path / "data"), "limit": 2}, ["a"]).data)
+    assert len(limited.items) == 2
+
+
+def test_images_without_labels_are_refused(tmp_path):
+    write_folder(tmp_path / "data")
+    (tmp_path / "data" / "labels" / "img1.png").unlink()
+    with pytest.raises(TrainDataError, match="img1.jpg has no label map labels/img1.png"):
+        labelled_data(spec_for({"url": str(tmp_path / "data")}, ["a"]).data)
+
+
+def test_a_prepared_benchmark_brings_its_classes_ignore_id_and_16_bit_labels(tmp_path):
+    write_prepared_pc459(tmp_path / "pc459")
+    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}, crop=64, short_edge=40, colour=False)
+    data = labelled_data(spec.data)
+    assert [item.image_id for item in data.items] == ["2008_000000", "2008_000001"] and data.ignore_label == 459
+    taxonomy = training_taxonomy(spec, data)
+    assert len(taxonomy.classes) == 459 and taxonomy.templates == tuple(sed_model.IMAGENET_TEMPLATES)
+
+    images, labels = load_batch(spec, data, iteration=0, rank=0, world=1)
+    assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64)
+    for image, label in zip(images, labels):
+        ids = set(label.unique().tolist())
+        assert ids <= {300, 301, 459} and ids & {300, 301}  # 16-bit ids survive augmentation
+        assert (label[-1] == 459).all() and (image[:, -1] == 128).all()  # padding: the dataset's ignore id
+
+
+def test_a_taxonomy_must_match_the_benchmarks_class_count(tmp_path):
+    write_prepared_pc459(tmp_path / "pc459")
+    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}, ["sky", "tree"])
+    with pytest.raises(TrainDataError, match="taxonomy has 2 classes, but data.dataset pascal-context-459 labels 459"):
+        training_taxonomy(spec, labelled_data(spec.data))
+
+
+def test_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(TrainDataError, match="data: .*sed-label prepare coco-stuff-171"):
+        labelled_data(spec_for({"url": str(tmp_path), "dataset": "coco-stuff-171"}).data)
+
+
+def test_batches_are_a_function_of_seed_and_iteration():
+    first = [batch_indices(i, 4, 10, seed=3) for i in range(5)]
+    assert first == [batch_indices(i, 4, 10, seed=3) for i in range(5)]
+    flat = [index for batch in first for index in batch]
+    assert sorted(flat[:10]) == list(range(10))  # each epoch is a permutation
+    assert first != [batch_indices(i, 4, 10, seed=4) for i in range(5)]
