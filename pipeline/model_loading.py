@@ -26,7 +26,7 @@ def model_config(spec: ModelSpec) -> sed_model.SEDConfig:
 def random_weights_hash(spec: ModelSpec) -> str:
     """Stands in for a checkpoint hash when the job runs on seeded random weights (the demo)."""
     config = model_config(spec).describe()
-    payload = json.dumps({"random_seed": spec.seed, "config": config}, sort_keys=True)
+    payload = json.dumps({"random_seed": spec.seed, "clip_weights": spec.clip_weights, "config": config}, sort_keys=True)
     return "random-" + hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -35,6 +35,8 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[sed
     if spec.weights is None:
         torch.manual_seed(spec.seed)
         model = sed_model.build_sed(model_config(spec))
+        if spec.clip_weights is not None:  # OpenCLIP's CLIP, a random decoder: where training starts
+            sed_model.load_clip_weights(model, spec.clip_weights, spec.storage_options)
         return model.to(device).eval(), random_weights_hash(spec)
     model, info = sed_model.create_model(
         model_config(spec), spec.weights, device, spec.storage_options

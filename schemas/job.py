@@ -66,6 +66,17 @@ class ModelSpec(_Spec):
     image_size: int = Field(
         768, ge=32, multiple_of=32, description="side of the square the model sees (768 as in the paper); smaller is faster and coarser"
     )
+    clip_weights: str | None = Field(
+        None,
+        description="with weights null: OpenCLIP weights for the CLIP part, where the paper's training starts ('pretrained' = "
+        "the preset's tag, another OpenCLIP tag (downloaded), or a path/URL of an OpenCLIP checkpoint); the decoder stays random",
+    )
+
+    @model_validator(mode="after")
+    def _clip_weights_only_without_checkpoint(self) -> "ModelSpec":
+        if self.clip_weights is not None and self.weights is not None:
+            raise ValueError("clip_weights applies only when weights is null: an SED checkpoint holds its own CLIP weights")
+        return self
 
 
 class InferenceSpec(_Spec):

@@ -8,6 +8,7 @@
 """
 
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint, save_checkpoint
+from .clip_weights import ClipWeightsError, load_clip_weights
 from .config import PRESETS, SEDConfig, UnknownModelError
 from .loss import sed_loss
 from .factory import create_model
@@ -20,6 +21,7 @@ from .transforms import resize_shortest_edge
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
+    "ClipWeightsError",
     "IMAGENET_TEMPLATES",
     "PRESETS",
     "Prediction",
@@ -37,6 +39,7 @@ __all__ = [
     "create_model",
     "encode_classes",
     "load_checkpoint",
+    "load_clip_weights",
     "read_checkpoint",
     "resize_shortest_edge",
     "save_checkpoint",

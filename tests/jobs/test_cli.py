@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.spec import SpecError, load_job_spec
+from jobs.spec import SpecError, load_job_spec, load_train_spec
 from schemas.export import SCHEMA_PATH, TRAIN_SCHEMA_PATH, job_schema_json, train_schema_json
 from tests.conftest import TINY_CHECKPOINT
 
@@ -163,3 +163,21 @@ def test_train_refuses_missing_data_before_starting_ray(tmp_path):
     assert result.exit_code == 2
     assert f"data.url: {tmp_path / 'nowhere' / 'images'} is not a folder of images" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_bundled_training_specs_validate(monkeypatch):
+    monkeypatch.chdir(REPO)  # their paths are relative to the repository, as the README runs them
+    demo = load_train_spec(REPO / "jobs" / "train_demo.yaml")
+    assert demo.validation is not None and demo.data.url == str(REPO / "jobs" / "demo_train" / "train")
+    paper = load_train_spec(REPO / "jobs" / "train_coco_stuff.yaml")
+    assert paper.taxonomy is None and paper.data.dataset == "coco-stuff-171" and paper.model.clip_weights == "pretrained"
+    assert (paper.recipe.iterations, paper.recipe.batch_size, paper.recipe.lr, paper.scaling.num_workers) == (80_000, 4, 2e-4, 4)
+    finetuned = load_job_spec(REPO / "jobs" / "demo_finetuned.yaml")
+    assert finetuned.model.weights.endswith("iter_0000060.safetensors")
+
+
+def test_clip_weights_only_without_an_sed_checkpoint(tmp_path):
+    spec = demo_spec(tmp_path)
+    spec["model"].update(weights=str(TINY_CHECKPOINT), clip_weights="pretrained")
+    with pytest.raises(SpecError, match="clip_weights applies only when weights is null"):
+        load_job_spec(write_spec(tmp_path, spec))

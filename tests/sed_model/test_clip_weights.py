@@ -1,0 +1,60 @@
+"""Training's starting point: OpenCLIP weights into SED's CLIP part, from a file, a URL or a tag."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import fsspec
+import open_clip
+import pytest
+import torch
+
+import sed_model
+from sed_model.clip_weights import _pretrained_file
+
+
+def openclip_checkpoint(clip_cfg: dict, path: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    state = open_clip.model.CLIP(**clip_cfg).state_dict()
+    with fsspec.open(path, "wb") as f:
+        torch.save(state, f)
+    return state
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_openclip_weights_replace_the_clip_part_and_leave_the_decoder(reference, tmp_path, where):
+    path = str(tmp_path / "open_clip_model.bin") if where == "file" else "memory://clip-weights/open_clip_model.bin"
+    state = openclip_checkpoint(reference["clip_cfg"], path)
+    torch.manual_seed(0)
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"], image_size=64))
+    decoder = copy.deepcopy(model.decoder.state_dict())
+    sed_model.load_clip_weights(model, path)
+    loaded = model.backbone.clip.state_dict()
+    assert loaded.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
+    for name, value in model.decoder.state_dict().items():
+        assert torch.equal(value, decoder[name]), name
+
+
+def test_weights_of_another_architecture_are_refused(reference, tmp_path):
+    other = copy.deepcopy(reference["clip_cfg"])
+    other["text_cfg"]["width"] = 64
+    path = str(tmp_path / "other.bin")
+    openclip_checkpoint(other, path)
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"], image_size=64))
+    with pytest.raises(sed_model.ClipWeightsError, match="do not fit this model's CLIP"):
+        sed_model.load_clip_weights(model, path)
+    with pytest.raises(sed_model.ClipWeightsError, match="no such file"):
+        sed_model.load_clip_weights(model, str(tmp_path / "missing.bin"))
+
+
+def test_tags_are_checked_against_openclips_list_before_any_download():
+    preset = SimpleNamespace(open_clip_model="convnext_base_w_320", pretrained_tag="laion_aesthetic_s13b_b82k")
+    with pytest.raises(sed_model.ClipWeightsError, match="'laion_nope' is not an OpenCLIP tag of convnext_base_w_320; known: .*laion_aesthetic_s13b_b82k"):
+        _pretrained_file(preset, "laion_nope")
+    with pytest.raises(sed_model.ClipWeightsError, match="needs an OpenCLIP architecture"):
+        _pretrained_file(SimpleNamespace(open_clip_model=None, pretrained_tag=None), "pretrained")
+    with pytest.raises(sed_model.ClipWeightsError, match="not a preset"):
+        _pretrained_file(SimpleNamespace(open_clip_model="convnext_base_w_320", pretrained_tag=None), "pretrained")
