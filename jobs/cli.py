@@ -178,9 +178,11 @@ def train(spec_file: Path = typer.Argument(..., help="training spec (YAML)")) ->
     )
     if summary.validation is not None:
         v = summary.validation
+        history = ", ".join(f"{miou:.1f} ({done})" for done, miou in summary.validation_miou)
+        typer.echo(f"validation mIoU (after iterations): {history}")
         typer.echo(
-            f"validation at iteration {v['iteration'] + 1} ({v['val_images']} images): "
-            f"mIoU {v['val_mIoU']:.2f}, pACC {v['val_pACC']:.2f}"
+            f"last validation, after iteration {v['iteration'] + 1} ({v['val_images']} images): "
+            f"mIoU {v['val_mIoU']:.2f}, pACC {v['val_pACC']:.2f}, mACC {v['val_mACC']:.2f}"
         )
     typer.echo(f"checkpoints: {', '.join(summary.checkpoints)}")
     typer.echo(f"metrics: {summary.output_url}/metrics.jsonl")

@@ -59,6 +59,7 @@ class TrainSummary:
     first_loss: float | None
     last_loss: float | None
     validation: dict[str, Any] | None  # the last evaluation: its iteration and val_* metrics
+    validation_miou: list[tuple[int, float]]  # (iterations done, val_mIoU) of every evaluation
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,5 +229,6 @@ def run_training(spec: TrainSpec) -> TrainSummary:
         first_loss=metrics[0]["loss"] if metrics else None,
         last_loss=metrics[-1]["loss"] if metrics else None,
         validation=last_validation,
+        validation_miou=[(m["iteration"] + 1, m["val_mIoU"]) for m in evaluations],
         seconds=round(time.monotonic() - started, 3),
     )

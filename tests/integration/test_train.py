@@ -110,6 +110,7 @@ def test_validation_miou_is_the_evaluators_on_the_weights_of_that_iteration(trai
     logged = {m["iteration"] + 1: m for m in metrics if "val_mIoU" in m}
     assert list(logged) == [2, 4, 6]
     assert summary.validation["iteration"] + 1 == ITERATIONS and summary.validation["val_images"] == 2
+    assert summary.validation_miou == [(done, logged[done]["val_mIoU"]) for done in (2, 4, 6)]
     direct = {done: evaluate_checkpoint(checkpoint, Path(spec.data.url)) for done, checkpoint in zip((2, 4, 6), summary.checkpoints)}
     for done, expected in direct.items():
         # Up to near-ties (each worker labels with its own thread count, so oneDNN may round differently):

@@ -173,7 +173,7 @@ def test_bundled_training_specs_validate(monkeypatch):
     assert paper.taxonomy is None and paper.data.dataset == "coco-stuff-171" and paper.model.clip_weights == "pretrained"
     assert (paper.recipe.iterations, paper.recipe.batch_size, paper.recipe.lr, paper.scaling.num_workers) == (80_000, 4, 2e-4, 4)
     finetuned = load_job_spec(REPO / "jobs" / "demo_finetuned.yaml")
-    assert finetuned.model.weights.endswith("iter_0000060.safetensors")
+    assert finetuned.model.weights.endswith("iter_0000150.safetensors")
 
 
 def test_clip_weights_only_without_an_sed_checkpoint(tmp_path):
