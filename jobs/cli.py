@@ -20,7 +20,7 @@ from pipeline.train import run_training
 from pipeline.train_data import TrainDataError
 from schemas import ModelSpec, RaySpec
 
-from .spec import SpecError, load_job_spec, load_train_spec
+from .spec import SpecError, is_train_spec, load_job_spec, load_train_spec
 from .submit import submit_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic-segmentation pseudo-labels with SED on Ray.")
@@ -75,14 +75,14 @@ def validate(job: Path = typer.Argument(..., help="job spec (YAML)")) -> None:
 
 @app.command()
 def submit(
-    job: Path = typer.Argument(..., help="job spec (YAML)"),
+    job: Path = typer.Argument(..., help="job spec or training spec (YAML)"),
     address: str = typer.Option(..., help="Ray job server, e.g. http://HEAD:8265"),
     wait: bool = typer.Option(False, help="follow the job's logs until it ends"),
     agent_wait: float = typer.Option(120.0, help="seconds to retry while a starting head has no job agent yet"),
 ) -> None:
-    """Submit the job to a Ray cluster through Ray's job submission API."""
+    """Submit a labelling job (or a training run: a spec with `data:`) to a Ray cluster through Ray's job submission API."""
     try:
-        spec = load_job_spec(job)
+        spec = load_train_spec(job) if is_train_spec(job) else load_job_spec(job)
     except SpecError as exc:
         _fail(str(exc))
     submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo, agent_wait_seconds=agent_wait)

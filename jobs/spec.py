@@ -21,13 +21,23 @@ def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def _read_spec(path: Path, model: type[BaseModel], what: str, sections: str) -> BaseModel:
+def _read_yaml(path: Path, what: str) -> object:
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as exc:
         raise SpecError(f"cannot read {what} {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
+def is_train_spec(path: str | Path) -> bool:
+    """A training spec has `data:`; a labelling job spec has `input:`."""
+    raw = _read_yaml(Path(path), "spec")
+    return isinstance(raw, dict) and "data" in raw
+
+
+def _read_spec(path: Path, model: type[BaseModel], what: str, sections: str) -> BaseModel:
+    raw = _read_yaml(path, what)
     if not isinstance(raw, dict):
         raise SpecError(f"{what} {path} must be a mapping with {sections}")
     try:

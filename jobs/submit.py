@@ -13,13 +13,18 @@ import jobs
 import pipeline
 import schemas
 import sed_model
-from schemas import JobSpec
+from schemas import JobSpec, TrainSpec
 
-SPEC_NAME = "job.yaml"
+SPEC_NAME = "spec.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def submission_runtime_env(spec: JobSpec, folder: Path) -> dict:
+def entrypoint(spec: JobSpec | TrainSpec) -> str:
+    """The command the cluster runs: a labelling job, or a training run."""
+    return f"python -m jobs.cli {'train' if isinstance(spec, TrainSpec) else 'run'} {SPEC_NAME}"
+
+
+def submission_runtime_env(spec: JobSpec | TrainSpec, folder: Path) -> dict:
     """A working dir holding the spec (its Ray address set to the cluster), plus this project's code."""
     carried = spec.model_copy(deep=True)
     carried.ray.address = "auto"
@@ -29,7 +34,7 @@ def submission_runtime_env(spec: JobSpec, folder: Path) -> dict:
 
 
 def submit_job(
-    spec: JobSpec,
+    spec: JobSpec | TrainSpec,
     address: str,
     wait: bool = False,
     echo: Callable[[str], None] = print,
@@ -45,7 +50,7 @@ def submit_job(
         deadline = time.monotonic() + agent_wait_seconds
         while True:
             try:
-                submission_id = client.submit_job(entrypoint=f"python -m jobs.cli run {SPEC_NAME}", runtime_env=runtime_env)
+                submission_id = client.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env)
                 break
             except RuntimeError as exc:
                 # A head that has just started answers before its job agent is up; that passes.

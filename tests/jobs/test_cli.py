@@ -9,7 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.spec import SpecError, load_job_spec, load_train_spec
+from jobs.spec import SpecError, is_train_spec, load_job_spec, load_train_spec
+from jobs.submit import entrypoint, submission_runtime_env
+from schemas import JobSpec, TrainSpec
 from schemas.export import SCHEMA_PATH, TRAIN_SCHEMA_PATH, job_schema_json, train_schema_json
 from tests.conftest import TINY_CHECKPOINT
 
@@ -181,3 +183,16 @@ def test_clip_weights_only_without_an_sed_checkpoint(tmp_path):
     spec["model"].update(weights=str(TINY_CHECKPOINT), clip_weights="pretrained")
     with pytest.raises(SpecError, match="clip_weights applies only when weights is null"):
         load_job_spec(write_spec(tmp_path, spec))
+
+
+def test_submission_carries_either_kind_of_spec_and_runs_its_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for name, command, kind in (("demo.yaml", "run", JobSpec), ("train_demo.yaml", "train", TrainSpec)):
+        path = REPO / "jobs" / name
+        spec = load_train_spec(path) if is_train_spec(path) else load_job_spec(path)
+        assert isinstance(spec, kind) and entrypoint(spec) == f"python -m jobs.cli {command} spec.yaml"
+        folder = tmp_path / name
+        folder.mkdir()
+        env = submission_runtime_env(spec, folder)
+        carried = kind.model_validate(yaml.safe_load((folder / "spec.yaml").read_text()))
+        assert carried.ray.address == "auto" and env["working_dir"] == str(folder)
