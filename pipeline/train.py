@@ -82,7 +82,7 @@ def _read_metrics(store: OutputStore) -> list[dict[str, Any]]:
     return [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
 
 
-def _restore(store: OutputStore, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any) -> tuple[int, list[dict]]:
+def restore_training_state(store: OutputStore, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any) -> tuple[int, list[dict]]:
     """Load `state.pt` if the output has one; return the iteration to start at and the metrics so far."""
     if not store.exists(STATE_FILE):
         return 0, []
@@ -95,7 +95,7 @@ def _restore(store: OutputStore, model: torch.nn.Module, optimizer: Any, schedul
     return int(state["iteration"]), [m for m in _read_metrics(store) if m["iteration"] < state["iteration"]]
 
 
-def _save(store: OutputStore, model: sed_model.SED, optimizer: Any, schedule: Any, scaler: Any, iteration: int, metrics: list[dict]) -> None:
+def save_training_state(store: OutputStore, model: sed_model.SED, optimizer: Any, schedule: Any, scaler: Any, iteration: int, metrics: list[dict]) -> None:
     """Checkpoint first, then metrics, then the state that makes a restart continue from here."""
     with tempfile.TemporaryDirectory() as tmp:
         local = f"{tmp}/model.safetensors"
@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = sed_model.build_optimizer(model, recipe)
     schedule = sed_model.build_schedule(optimizer, recipe)
     scaler = sed_model.build_grad_scaler(recipe, device)
-    start, metrics = _restore(store, model, optimizer, schedule, scaler)
+    start, metrics = restore_training_state(store, model, optimizer, schedule, scaler)
     trained = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP across the workers
     board = TensorBoardLog(store, spec.output.tensorboard and rank == 0)
     try:
@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             board.add(record)
             if _due(done, spec.output.checkpoint_every, recipe.iterations):
                 if rank == 0:
-                    _save(store, model, optimizer, schedule, scaler, done, metrics)
+                    save_training_state(store, model, optimizer, schedule, scaler, done, metrics)
                     board.upload()
                 ray.train.report({key: value for key, value in record.items() if key != "iteration"} | {"iteration": done})
     finally:
@@ -186,7 +186,7 @@ def _fit(spec: TrainSpec, classes: list[str], templates: list[str], data: Labell
                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
                 ),
                 # Ray Train's own storage holds only its run records: checkpoints and state go to
-                # the output URL, written by rank 0 (see `_save`).
+                # the output URL, written by rank 0 (see `save_training_state`).
                 run_config=ray.train.RunConfig(storage_path=ray_storage, name="sed-train", failure_config=ray.train.FailureConfig(max_failures=3)),
             )
             trainer.fit()

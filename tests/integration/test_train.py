@@ -17,9 +17,11 @@ import yaml
 from PIL import Image
 
 import sed_model
+from pipeline.commit import OutputStore
 from pipeline.evaluate import SemSegEvaluator
 from pipeline.model_loading import encode_taxonomy, load_model
-from pipeline.train import STATE_FILE, run_training
+from pipeline.tensorboard_log import TensorBoardLog
+from pipeline.train import STATE_FILE, checkpoint_name, restore_training_state, run_training, save_training_state
 from pipeline.train_data import labelled_data, load_batch
 from schemas import TrainSpec
 from tests.conftest import TINY_CHECKPOINT
@@ -171,3 +173,43 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoints_state_and_tensorboard_round_trip_through_s3(s3_server, reference):
+    """What rank 0 writes (checkpoint, metrics, state, event files) on S3, and a restart reading it back."""
+    import s3fs
+
+    bucket = f"train-{time.monotonic_ns()}"
+    s3fs.S3FileSystem(**s3_server).mkdir(bucket)
+    store = OutputStore(f"s3://{bucket}/run/", s3_server)
+
+    recipe = sed_model.Recipe(lr=1e-3, iterations=10, precision="float16")  # float16: the loss scale is state too
+
+    def fresh() -> tuple:
+        torch.manual_seed(0)
+        model, _ = load_model(train_spec(reference, Path("unused"), Path("unused")).model)
+        optimizer = sed_model.build_optimizer(model, recipe)
+        return model, optimizer, sed_model.build_schedule(optimizer, recipe), sed_model.build_grad_scaler(recipe, "cpu")
+
+    model, optimizer, schedule, scaler = fresh()
+    images, targets, text = torch.stack(reference["train_images"]), reference["train_target"], reference["text_features"]
+    board = TensorBoardLog(store, enabled=True)
+    metrics = []
+    for iteration in range(2):
+        record = sed_model.train_step(model, images, targets, text, optimizer, schedule, recipe, scaler=scaler)
+        metrics.append(record | {"iteration": iteration})
+        board.add(metrics[-1])
+    save_training_state(store, model, optimizer, schedule, scaler, 2, metrics)
+    board.upload()
+    board.close()
+
+    restored, restored_optimizer, restored_schedule, restored_scaler = fresh()
+    start, restored_metrics = restore_training_state(store, restored, restored_optimizer, restored_schedule, restored_scaler)
+    assert start == 2 and restored_metrics == metrics
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    assert restored_schedule.last_epoch == 2 and restored_scaler.get_scale() == scaler.get_scale()
+    assert restored_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    checkpoint, _ = sed_model.read_checkpoint(store.url_of(checkpoint_name(2)), storage_options=s3_server)
+    assert checkpoint.keys() == model.state_dict().keys()
+    assert store.fs.glob(store.path("tensorboard", "events.out.tfevents.*"))
