@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+import sed_model
+
 from pipeline.benchmark import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
 from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
 from pipeline.preflight import PreflightError, preflight
@@ -17,7 +19,7 @@ from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
 from pipeline.storage import StorageError
 from pipeline.train import run_training
-from pipeline.train_data import TrainDataError
+from pipeline.train_data import TrainDataError, training_inputs
 from schemas import ModelSpec, RaySpec
 
 from .spec import SpecError, is_train_spec, load_job_spec, load_train_spec
@@ -63,14 +65,30 @@ def run(
 
 
 @app.command()
-def validate(job: Path = typer.Argument(..., help="job spec (YAML)")) -> None:
-    """Check a job spec and what it points at, without running it."""
+def validate(job: Path = typer.Argument(..., help="job spec or training spec (YAML)")) -> None:
+    """Check a job spec (or a training spec) and what it points at, without running it."""
     try:
+        if is_train_spec(job):
+            _validate_training(job)
+            return
         spec = load_job_spec(job)
         taxonomy = preflight(spec)
     except (SpecError, PreflightError) as exc:
         _fail(str(exc))
     typer.echo(f"{job}: valid ({len(taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})")
+
+
+def _validate_training(path: Path) -> None:
+    try:
+        spec = load_train_spec(path)
+        inputs = training_inputs(spec)
+    except (TrainDataError, StorageError, sed_model.TaxonomyError) as exc:
+        _fail(str(exc))
+    validation = f", {len(inputs.validation.items)} validation images" if inputs.validation else ""
+    typer.echo(
+        f"{path}: valid training spec ({len(inputs.data.items)} training images{validation}, "
+        f"{len(inputs.taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})"
+    )
 
 
 @app.command()

@@ -40,7 +40,7 @@ from .executor import connect_ray
 from .model_loading import encode_taxonomy, load_model
 from .storage import filesystem, to_url
 from .tensorboard_log import TensorBoardLog
-from .train_data import LabelledData, check_class_count, labelled_data, load_batch, training_taxonomy
+from .train_data import LabelledData, load_batch, training_inputs
 from .validation import validate
 
 log = logging.getLogger("sed_label")
@@ -202,18 +202,13 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     A run whose state is already at its last iteration starts nothing.
     """
     started = time.monotonic()
-    data = labelled_data(spec.data)
-    taxonomy = training_taxonomy(spec, data)
-    validation = None
-    if spec.validation is not None:
-        validation = labelled_data(spec.validation, "validation")
-        check_class_count(taxonomy, validation, "validation")
+    inputs = training_inputs(spec)
     store = OutputStore(spec.output.url, spec.output.storage_options)
     start = 0
     if store.exists(STATE_FILE):
         start = int(torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)["iteration"])
     if start < spec.recipe.iterations:
-        _fit(spec, list(taxonomy.classes), list(taxonomy.templates), data, validation)
+        _fit(spec, list(inputs.taxonomy.classes), list(inputs.taxonomy.templates), inputs.data, inputs.validation)
     metrics = _read_metrics(store)
     evaluations = [m for m in metrics if "val_mIoU" in m]
     last_validation = None

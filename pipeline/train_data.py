@@ -93,6 +93,24 @@ def check_class_count(taxonomy: Taxonomy, data: LabelledData, field: str) -> Non
         )
 
 
+@dataclass(frozen=True)
+class TrainingInputs:
+    data: LabelledData
+    taxonomy: Taxonomy
+    validation: LabelledData | None
+
+
+def training_inputs(spec: TrainSpec) -> TrainingInputs:
+    """What a run reads before it starts, checked: the training images, the taxonomy, the validation images."""
+    data = labelled_data(spec.data)
+    taxonomy = training_taxonomy(spec, data)
+    validation = None
+    if spec.validation is not None:
+        validation = labelled_data(spec.validation, "validation")
+        check_class_count(taxonomy, validation, "validation")
+    return TrainingInputs(data, taxonomy, validation)
+
+
 def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) -> list[int]:
     """The dataset indices of iteration `iteration`'s batch: epochs of seeded permutations, in order."""
     indices = []

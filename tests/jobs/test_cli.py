@@ -196,3 +196,17 @@ def test_submission_carries_either_kind_of_spec_and_runs_its_command(tmp_path, m
         env = submission_runtime_env(spec, folder)
         carried = kind.model_validate(yaml.safe_load((folder / "spec.yaml").read_text()))
         assert carried.ray.address == "auto" and env["working_dir"] == str(folder)
+
+
+def test_validate_checks_a_training_spec_and_its_data_without_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(app, ["validate", "jobs/train_demo.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "valid training spec (6 training images, 2 validation images, 4 classes" in result.output
+    spec = yaml.safe_load((REPO / "jobs" / "train_demo.yaml").read_text())
+    spec["validation"]["url"] = str(tmp_path / "no-such-folder")
+    spec["output"]["url"] = str(tmp_path / "out")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["validate", str(tmp_path / "train.yaml")])
+    assert result.exit_code == 2 and f"validation.url: {tmp_path / 'no-such-folder' / 'images'} is not a folder of images" in result.output
+    assert not (tmp_path / "out").exists()
