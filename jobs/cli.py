@@ -13,7 +13,7 @@ import sed_model
 
 from pipeline.benchmark import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
 from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
-from pipeline.preflight import PreflightError, preflight
+from pipeline.preflight import PreflightError, preflight, preflight_training
 from pipeline.report import build_report
 from pipeline.report.build import REPORT_HTML, ReportError
 from pipeline.run import JobSummary, run_job
@@ -82,7 +82,8 @@ def _validate_training(path: Path) -> None:
     try:
         spec = load_train_spec(path)
         inputs = training_inputs(spec)
-    except (TrainDataError, StorageError, sed_model.TaxonomyError) as exc:
+        preflight_training(spec, inputs.taxonomy)
+    except (TrainDataError, PreflightError, StorageError, sed_model.TaxonomyError) as exc:
         _fail(str(exc))
     validation = f", {len(inputs.validation.items)} validation images" if inputs.validation else ""
     typer.echo(
@@ -185,7 +186,7 @@ def train(spec_file: Path = typer.Argument(..., help="training spec (YAML)")) ->
     try:
         spec = load_train_spec(spec_file)
         summary = run_training(spec)
-    except (SpecError, TrainDataError, StorageError) as exc:
+    except (SpecError, TrainDataError, PreflightError, StorageError) as exc:
         _fail(str(exc))
     except Exception as exc:  # model, checkpoint or Ray failures end the command with their message
         _fail(f"{type(exc).__name__}: {exc}")

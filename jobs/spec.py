@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
-
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from schemas import JobSpec, TrainSpec
+from sed_model.clip_weights import is_clip_weights_file
 
 
 class SpecError(ValueError):
@@ -54,6 +53,8 @@ def _absolute_model_and_taxonomy(spec: JobSpec | TrainSpec) -> None:
     spec.output.url = _absolute(spec.output.url)
     if spec.model.weights is not None:
         spec.model.weights = _absolute(spec.model.weights)
+    if spec.model.clip_weights is not None and is_clip_weights_file(spec.model.clip_weights):
+        spec.model.clip_weights = _absolute(spec.model.clip_weights)
     if spec.taxonomy is not None and isinstance(spec.taxonomy.classes, str):
         spec.taxonomy.classes = _absolute(spec.taxonomy.classes)
 

@@ -26,7 +26,10 @@ def model_config(spec: ModelSpec) -> sed_model.SEDConfig:
 def random_weights_hash(spec: ModelSpec) -> str:
     """Stands in for a checkpoint hash when the job runs on seeded random weights (the demo)."""
     config = model_config(spec).describe()
-    payload = json.dumps({"random_seed": spec.seed, "clip_weights": spec.clip_weights, "config": config}, sort_keys=True)
+    identity = {"random_seed": spec.seed, "config": config}
+    if spec.clip_weights is not None:  # only then: outputs written before clip_weights existed keep their hash
+        identity["clip_weights"] = spec.clip_weights
+    payload = json.dumps(identity, sort_keys=True)
     return "random-" + hashlib.sha256(payload.encode()).hexdigest()
 
 

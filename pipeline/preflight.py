@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 
 import sed_model
-from schemas import JobSpec
+from schemas import JobSpec, ModelSpec, TrainSpec
+from sed_model.clip_weights import is_clip_weights_file, pretrained_config
+from sed_model.config import resolve_clip_config
 
 from .model_loading import model_config
 from .storage import StorageError, filesystem, is_process_local
@@ -18,25 +20,53 @@ class PreflightError(ValueError):
 
 def preflight(spec: JobSpec) -> Taxonomy:
     """Check model, taxonomy, weights, input and output; return the resolved taxonomy."""
-    try:
-        config = model_config(spec.model)
-        config.open_clip_config()
-    except (sed_model.UnknownModelError, ValueError) as exc:
-        raise PreflightError(f"model.clip_model: {exc}") from exc
+    config = _check_model(spec.model)
     try:
         taxonomy = load_taxonomy(spec.taxonomy)
     except (sed_model.TaxonomyError, StorageError) as exc:
         raise PreflightError(f"taxonomy: {exc}") from exc
+    _check_templates(taxonomy, config)
+    _check_weights(spec.model)
+    _check_readable("input.url", spec.input.url, spec.input.storage_options, shared=False)
+    _check_writable("output.url", spec.output.url, spec.output.storage_options)
+    return taxonomy
+
+
+def preflight_training(spec: TrainSpec, taxonomy: Taxonomy) -> None:
+    """A training spec's model, weights (SED or OpenCLIP) and output; its data is checked by `training_inputs`."""
+    config = _check_model(spec.model)
+    _check_templates(taxonomy, config)
+    _check_weights(spec.model)
+    _check_writable("output.url", spec.output.url, spec.output.storage_options)
+
+
+def _check_model(model: ModelSpec) -> sed_model.SEDConfig:
+    try:
+        config = model_config(model)
+        _, architecture, preset_tag = resolve_clip_config(config.clip_model)
+    except (sed_model.UnknownModelError, ValueError) as exc:
+        raise PreflightError(f"model.clip_model: {exc}") from exc
+    if model.clip_weights is not None and not is_clip_weights_file(model.clip_weights):
+        try:
+            pretrained_config(architecture, preset_tag, model.clip_weights)
+        except sed_model.ClipWeightsError as exc:
+            raise PreflightError(f"model.{exc}") from exc
+    return config
+
+
+def _check_templates(taxonomy: Taxonomy, config: sed_model.SEDConfig) -> None:
     if len(taxonomy.templates) != config.num_templates:
         raise PreflightError(
             f"taxonomy.templates: SED takes exactly {config.num_templates} templates (one input channel each), "
             f"got {len(taxonomy.templates)}"
         )
-    if spec.model.weights is not None:
-        _check_readable("model.weights", spec.model.weights, spec.model.storage_options, shared=True)
-    _check_readable("input.url", spec.input.url, spec.input.storage_options, shared=False)
-    _check_writable("output.url", spec.output.url, spec.output.storage_options)
-    return taxonomy
+
+
+def _check_weights(model: ModelSpec) -> None:
+    if model.weights is not None:
+        _check_readable("model.weights", model.weights, model.storage_options, shared=True)
+    if model.clip_weights is not None and is_clip_weights_file(model.clip_weights):
+        _check_readable("model.clip_weights", model.clip_weights, model.storage_options, shared=True)
 
 
 def _check_readable(field: str, url: str, storage_options: dict, shared: bool) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import posixpath
 import tempfile
 import time
@@ -38,6 +39,7 @@ from schemas import TrainSpec
 from .commit import OutputStore
 from .executor import connect_ray
 from .model_loading import encode_taxonomy, load_model
+from .preflight import preflight_training
 from .storage import filesystem, to_url
 from .tensorboard_log import TensorBoardLog
 from .train_data import LabelledData, load_batch, training_inputs
@@ -48,6 +50,7 @@ log = logging.getLogger("sed_label")
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+PRECISION_ORDER = ("float32", "float16", "bfloat16")  # by what a worker's device runs natively
 
 
 @dataclass
@@ -66,9 +69,20 @@ class TrainSummary:
         return asdict(self)
 
 
-def _recipe(spec: TrainSpec, device: torch.device) -> sed_model.Recipe:
+def _common_precision(requested: str, device: torch.device, world: int) -> str:
+    """Resolve "auto" alike on every worker (the least capable one decides): DDP replicas must agree on
+    the loss scaling, or a float16 worker skipping an overflowed step would drift from the others."""
+    precision = sed_model.training_precision(requested, device)
+    if requested != "auto" or world == 1:
+        return precision
+    code = torch.tensor([PRECISION_ORDER.index(precision)], device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    return PRECISION_ORDER[int(code)]
+
+
+def _recipe(spec: TrainSpec, device: torch.device, world: int) -> sed_model.Recipe:
     r = spec.recipe
-    precision = sed_model.training_precision(r.precision, device)
+    precision = _common_precision(r.precision, device, world)
     return sed_model.Recipe(r.lr, r.image_tower_lr_multiplier, r.weight_decay, r.iterations, r.clip_grad_norm, r.exclude_ignored, precision)
 
 
@@ -101,12 +115,17 @@ def save_training_state(store: OutputStore, model: sed_model.SED, optimizer: Any
         local = f"{tmp}/model.safetensors"
         sed_model.save_checkpoint(model, local)
         store.upload(checkpoint_name(iteration), local)
-    store.write(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    store.write(METRICS_FILE, "".join(json.dumps(_finite(m)) + "\n" for m in metrics).encode())
     state = {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
     state["scaler"] = scaler.state_dict() if scaler is not None else {}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     store.write(STATE_FILE, buffer.getvalue())
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """Standard JSON: an overflowed float16 step's infinite gradient norm is written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _mean_over_workers(record: dict[str, Any], world: int, device: torch.device) -> None:
@@ -135,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     store = OutputStore(spec.output.url, spec.output.storage_options)
     torch.manual_seed(spec.recipe.seed)
     model, _ = load_model(spec.model, device)
-    recipe = _recipe(spec, device)
+    recipe = _recipe(spec, device, world)
     optimizer = sed_model.build_optimizer(model, recipe)
     schedule = sed_model.build_schedule(optimizer, recipe)
     scaler = sed_model.build_grad_scaler(recipe, device)
@@ -203,6 +222,7 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     """
     started = time.monotonic()
     inputs = training_inputs(spec)
+    preflight_training(spec, inputs.taxonomy)
     store = OutputStore(spec.output.url, spec.output.storage_options)
     start = 0
     if store.exists(STATE_FILE):

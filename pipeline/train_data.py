@@ -21,7 +21,7 @@ from PIL import Image
 import sed_model
 from schemas import TrainDataSpec, TrainSpec
 
-from .augment import IGNORE_LABEL, AugmentSettings, augment
+from .augment import AugmentSettings, augment
 from .datasets import BenchmarkItem, DatasetError, DatasetSpec, read_label_map, read_prepared
 from .sources import IMAGE_EXTENSIONS
 from .storage import filesystem, to_url
@@ -42,14 +42,16 @@ class LabelledData:
 
 def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
     """The items `data` names (the first `data.limit` of them); `field` names the spec section in errors."""
-    if data.dataset is not None:
-        try:
+    try:
+        if data.dataset is not None:
             prepared = read_prepared(data.dataset, data.url, data.storage_options)
-        except DatasetError as exc:
-            raise TrainDataError(f"{field}: {exc}") from exc
-        items, ignore_label, dataset = prepared.items, prepared.spec.ignore_label, prepared.spec
-    else:
-        items, ignore_label, dataset = _folder_items(data, field), IGNORE_LABEL, None
+            items, ignore_label, dataset = prepared.items, prepared.spec.ignore_label, prepared.spec
+        else:
+            items, ignore_label, dataset = _folder_items(data, field), data.ignore_label, None
+    except DatasetError as exc:
+        raise TrainDataError(f"{field}: {exc}") from exc
+    except OSError as exc:  # permissions, credentials, an unreachable endpoint
+        raise TrainDataError(f"{field}.url: cannot list {data.url}: {type(exc).__name__}: {exc}") from exc
     if not items:
         raise TrainDataError(f"{field}.url: no labelled images in {data.url}")
     return LabelledData(items[: data.limit], ignore_label, dataset, data.storage_options)

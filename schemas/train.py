@@ -28,13 +28,14 @@ class TrainDataSpec(_Spec):
     )
     images_dir: str = Field("images", description="folder of the images under url (folders only)")
     labels_dir: str = Field("labels", description="folder of the label maps under url (folders only)")
+    ignore_label: int = Field(255, ge=0, description="the id of unlabelled pixels (folders only; 16-bit PNGs allow more than 255 classes)")
     limit: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _folders_only_without_dataset(self) -> "TrainDataSpec":
-        if self.dataset is not None and {"images_dir", "labels_dir"} & self.model_fields_set:
-            raise ValueError("images_dir and labels_dir apply to folders; a prepared dataset knows its files")
+        if self.dataset is not None and {"images_dir", "labels_dir", "ignore_label"} & self.model_fields_set:
+            raise ValueError("images_dir, labels_dir and ignore_label apply to folders; a prepared dataset knows its own")
         return self
 
 

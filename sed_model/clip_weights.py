@@ -26,38 +26,46 @@ class ClipWeightsError(ValueError):
     """CLIP weights that cannot be found or do not fit the model; the message names them."""
 
 
-def _is_file(clip_weights: str) -> bool:
-    return "://" in clip_weights or clip_weights.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(clip_weights)
+def is_clip_weights_file(clip_weights: str) -> bool:
+    """A path or URL of a checkpoint file, not an OpenCLIP tag (tags have no '/' or file suffix)."""
+    return "/" in clip_weights or clip_weights.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(clip_weights)
 
 
-def _pretrained_file(model: SED, tag: str) -> str:
-    architecture = model.open_clip_model
+def pretrained_config(architecture: str | None, preset_tag: str | None, tag: str) -> dict[str, Any]:
+    """OpenCLIP's download config of `tag` ('pretrained': the preset's) for `architecture`, checked offline."""
     if architecture is None:
         raise ClipWeightsError(f"clip_weights {tag!r}: a pretrained tag needs an OpenCLIP architecture, not a config dict")
     if tag == PRESET_TAG:
-        if model.pretrained_tag is None:
+        if preset_tag is None:
             raise ClipWeightsError(f"clip_weights 'pretrained': {architecture} is not a preset; name an OpenCLIP tag")
-        tag = model.pretrained_tag
+        tag = preset_tag
     config = open_clip.get_pretrained_cfg(architecture, tag)
     if not config:
         known = open_clip.list_pretrained_tags_by_model(architecture)
         raise ClipWeightsError(f"clip_weights {tag!r} is not an OpenCLIP tag of {architecture}; known: {known}")
+    return config
+
+
+def _pretrained_file(model: SED, tag: str) -> str:
+    config = pretrained_config(model.open_clip_model, model.pretrained_tag, tag)
     try:
         return open_clip.download_pretrained(config)
     except Exception as exc:  # no network, or the hub refused: say which weights could not be had
-        raise ClipWeightsError(f"cannot download OpenCLIP {architecture} {tag}: {type(exc).__name__}: {exc}") from exc
+        source = config.get("hf_hub") or config.get("url")
+        raise ClipWeightsError(f"cannot download OpenCLIP weights {source} for clip_weights {tag!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def load_clip_weights(model: SED, clip_weights: str, storage_options: dict[str, Any] | None = None) -> None:
     """Replace the CLIP part's weights (image and text towers) with OpenCLIP's; the decoder is untouched."""
-    if not _is_file(clip_weights):
+    if not is_clip_weights_file(clip_weights):
         _load(model, _pretrained_file(model, clip_weights), clip_weights)
         return
     if "://" not in clip_weights:
         _load(model, clip_weights, clip_weights)
         return
     with tempfile.TemporaryDirectory() as tmp:  # OpenCLIP's loader reads local files
-        local = os.path.join(tmp, os.path.basename(clip_weights.rstrip("/")) or "clip.bin")
+        # OpenCLIP picks its reader by the file's suffix: keep the name, without a URL's query.
+        local = os.path.join(tmp, os.path.basename(clip_weights.split("?")[0].rstrip("/")) or "clip.bin")
         try:
             with fsspec.open(clip_weights, "rb", **(storage_options or {})) as source, open(local, "wb") as target:
                 while chunk := source.read(1 << 24):
@@ -76,3 +84,5 @@ def _load(model: SED, path: str, name: str) -> None:
     # embedding resizer asserts on a different width.
     except (RuntimeError, AssertionError) as exc:
         raise ClipWeightsError(f"clip_weights {name!r} do not fit this model's CLIP: {exc}") from exc
+    except Exception as exc:  # not a checkpoint at all: a corrupt download, an HTML error page...
+        raise ClipWeightsError(f"clip_weights {name!r} is not a readable OpenCLIP checkpoint: {type(exc).__name__}: {exc}") from exc

@@ -118,7 +118,8 @@ def training_precision(requested: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    # Native bfloat16 only (compute capability 8.0+): emulated bfloat16 on older GPUs is slow.
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
 
 
 def build_grad_scaler(recipe: Recipe, device: torch.device | str) -> torch.amp.GradScaler | None:

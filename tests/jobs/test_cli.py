@@ -143,7 +143,7 @@ def test_train_refuses_a_bad_spec_naming_the_field(tmp_path):
 
     for change, message in (
         ({"taxonomy": None}, "taxonomy is required unless data.dataset names a prepared benchmark"),
-        ({"data": {"url": "x", "dataset": "coco-stuff-171", "images_dir": "jpg"}}, "images_dir and labels_dir apply to folders"),
+        ({"data": {"url": "x", "dataset": "coco-stuff-171", "images_dir": "jpg"}}, "images_dir, labels_dir and ignore_label apply to folders"),
         ({"recipe": {"precision": "float8"}}, "recipe.precision"),
         ({"validation": {"url": "x", "every": 0}}, "validation.every"),
     ):
@@ -210,3 +210,27 @@ def test_validate_checks_a_training_spec_and_its_data_without_training(tmp_path,
     result = runner.invoke(app, ["validate", str(tmp_path / "train.yaml")])
     assert result.exit_code == 2 and f"validation.url: {tmp_path / 'no-such-folder' / 'images'} is not a folder of images" in result.output
     assert not (tmp_path / "out").exists()
+    spec["validation"]["url"] = str(REPO / "jobs" / "demo_train" / "val")
+    for clip_weights, message in (
+        ("pretrained", "model.clip_weights 'pretrained': a pretrained tag needs an OpenCLIP architecture"),
+        (str(tmp_path / "open_clip.bin"), f"model.clip_weights: '{tmp_path / 'open_clip.bin'}' does not exist"),
+    ):
+        spec["model"]["clip_weights"] = clip_weights
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
+        for command in ("validate", "train"):  # `train` refuses before starting Ray
+            result = runner.invoke(app, [command, str(tmp_path / "train.yaml")])
+            assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_random_weights_keep_their_identity_and_clip_weights_change_it(tmp_path):
+    """Outputs written before `clip_weights` existed must still match their job (resume, not conflict)."""
+    import hashlib
+    import json
+
+    from pipeline.model_loading import model_config, random_weights_hash
+
+    spec = load_job_spec(write_spec(tmp_path, demo_spec(tmp_path)))
+    payload = json.dumps({"random_seed": 0, "config": model_config(spec.model).describe()}, sort_keys=True)
+    assert random_weights_hash(spec.model) == "random-" + hashlib.sha256(payload.encode()).hexdigest()
+    with_clip = spec.model.model_copy(update={"clip_weights": "open_clip.bin"})
+    assert random_weights_hash(with_clip) != random_weights_hash(spec.model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import fsspec
 import open_clip
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import sed_model
-from sed_model.clip_weights import _pretrained_file
+from sed_model.clip_weights import pretrained_config
 
 
 def openclip_checkpoint(clip_cfg: dict, path: str, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -51,10 +50,18 @@ def test_weights_of_another_architecture_are_refused(reference, tmp_path):
 
 
 def test_tags_are_checked_against_openclips_list_before_any_download():
-    preset = SimpleNamespace(open_clip_model="convnext_base_w_320", pretrained_tag="laion_aesthetic_s13b_b82k")
+    config = pretrained_config("convnext_base_w_320", "laion_aesthetic_s13b_b82k", "pretrained")
+    assert "laion_aesthetic" in config["hf_hub"]  # the preset's own tag
     with pytest.raises(sed_model.ClipWeightsError, match="'laion_nope' is not an OpenCLIP tag of convnext_base_w_320; known: .*laion_aesthetic_s13b_b82k"):
-        _pretrained_file(preset, "laion_nope")
+        pretrained_config("convnext_base_w_320", "laion_aesthetic_s13b_b82k", "laion_nope")
     with pytest.raises(sed_model.ClipWeightsError, match="needs an OpenCLIP architecture"):
-        _pretrained_file(SimpleNamespace(open_clip_model=None, pretrained_tag=None), "pretrained")
+        pretrained_config(None, None, "pretrained")
     with pytest.raises(sed_model.ClipWeightsError, match="not a preset"):
-        _pretrained_file(SimpleNamespace(open_clip_model="convnext_base_w_320", pretrained_tag=None), "pretrained")
+        pretrained_config("convnext_base_w_320", None, "pretrained")
+
+
+def test_a_file_that_is_no_checkpoint_is_named(reference, tmp_path):
+    (tmp_path / "page.bin").write_text("<html>403 Forbidden</html>")
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"], image_size=64))
+    with pytest.raises(sed_model.ClipWeightsError, match="page.bin' is not a readable OpenCLIP checkpoint"):
+        sed_model.load_clip_weights(model, str(tmp_path / "page.bin"))
