@@ -9,9 +9,9 @@ As SED's code sets it up (detectron2's optimiser and solver settings of the rele
 - gradient clipping of all trained parameters together at total L2 norm 0.01;
 - the four BCE losses of `sed_loss`, summed.
 
-Mixed precision (not in the paper's configs, which train in float32; GPU runs here use it by
-default): the forward and the losses under `torch.autocast` in bfloat16, or in float16 with a
-`GradScaler` (gradients unscaled before clipping, so the clipping norm means the same).
+Mixed precision (the pipeline's default on GPU; "float32" trains without autocast): the forward
+and the losses under `torch.autocast` in bfloat16, or in float16 with a `GradScaler` (gradients
+unscaled before clipping, so the clipping norm means the same).
 
 Executors (Ray Train in `pipeline`, a plain loop in tests) call `train_step` once per iteration.
 """
