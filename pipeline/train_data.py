@@ -110,7 +110,32 @@ def training_inputs(spec: TrainSpec) -> TrainingInputs:
     if spec.validation is not None:
         validation = labelled_data(spec.validation, "validation")
         check_class_count(taxonomy, validation, "validation")
+        check_validation_labels(list(taxonomy.classes), validation)
     return TrainingInputs(data, taxonomy, validation)
+
+
+def evaluated_classes(classes: list[str], data: LabelledData) -> list[str]:
+    """The confusion matrix's classes: the taxonomy's, or the benchmark's where it merges predictions (VOC-20b)."""
+    if data.dataset is not None and data.dataset.merge_predictions_from is not None:
+        return data.dataset.evaluated_classes()
+    return classes
+
+
+def check_validation_labels(classes: list[str], data: LabelledData) -> None:
+    """Read every validation pair once before training: sizes match, ids are classes or the ignore id.
+
+    Each evaluation reads them all anyway; a bad one found now costs no training (found at the first
+    evaluation, it would fail the run there, and again after each of Ray Train's restarts).
+    """
+    count = len(evaluated_classes(classes, data))
+    for item in data.items:
+        _, truth = read_pair(item, data.storage_options)
+        bad = np.unique(truth[(truth >= count) & (truth != data.ignore_label)])
+        if bad.size:
+            raise TrainDataError(
+                f"validation label map {item.label_url} holds ids {bad[:10].tolist()} outside 0..{count - 1} "
+                f"and the ignore id {data.ignore_label}"
+            )
 
 
 def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) -> list[int]:

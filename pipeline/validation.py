@@ -15,16 +15,9 @@ import torch.distributed as dist
 import sed_model
 
 from .evaluate import SemSegEvaluator
-from .train_data import LabelledData, TrainDataError, read_pair
+from .train_data import LabelledData, TrainDataError, evaluated_classes, read_pair
 
 VALIDATION_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
-
-
-def evaluated_classes(classes: list[str], data: LabelledData) -> list[str]:
-    """The confusion matrix's classes: the taxonomy's, or the benchmark's where it merges predictions (VOC-20b)."""
-    if data.dataset is not None and data.dataset.merge_predictions_from is not None:
-        return data.dataset.evaluated_classes()
-    return classes
 
 
 def validate(

@@ -13,8 +13,8 @@ import sed_model
 from pipeline.datasets import get_dataset
 from pipeline.datasets.prepared import PreparedWriter
 from pipeline.datasets.raw import Sample
-from pipeline.train_data import TrainDataError, batch_indices, labelled_data, load_batch, training_taxonomy
-from schemas import TrainSpec
+from pipeline.train_data import TrainDataError, batch_indices, labelled_data, load_batch, training_inputs, training_taxonomy
+from schemas import TrainSpec, ValidationSpec
 
 
 def write_folder(root: Path, count: int = 2, size: int = 32) -> None:
@@ -100,3 +100,17 @@ def test_batches_are_a_function_of_seed_and_iteration():
     flat = [index for batch in first for index in batch]
     assert sorted(flat[:10]) == list(range(10))  # each epoch is a permutation
     assert first != [batch_indices(i, 4, 10, seed=4) for i in range(5)]
+
+
+def test_validation_labels_are_checked_before_training(tmp_path):
+    write_folder(tmp_path / "data")
+    write_folder(tmp_path / "val", count=3)
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(tmp_path / "val" / "labels" / "img2.png")
+    spec = spec_for({"url": str(tmp_path / "data")}, ["a", "b", "c"]).model_copy(
+        update={"validation": ValidationSpec(url=str(tmp_path / "val"))}
+    )
+    with pytest.raises(TrainDataError, match=r"validation label map .*img2.png holds ids \[7\] outside 0..2 and the ignore id 255"):
+        training_inputs(spec)
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "val" / "labels" / "img2.png")
+    inputs = training_inputs(spec)
+    assert len(inputs.validation.items) == 3 and inputs.taxonomy.classes == ("a", "b", "c")
