@@ -234,3 +234,12 @@ def test_random_weights_keep_their_identity_and_clip_weights_change_it(tmp_path)
     assert random_weights_hash(spec.model) == "random-" + hashlib.sha256(payload.encode()).hexdigest()
     with_clip = spec.model.model_copy(update={"clip_weights": "open_clip.bin"})
     assert random_weights_hash(with_clip) != random_weights_hash(spec.model)
+
+
+def test_relative_clip_weights_files_become_absolute_and_tags_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "jobs" / "train_demo.yaml").read_text())
+    for clip_weights, expected in (("weights/open_clip.bin", str(REPO / "weights" / "open_clip.bin")), ("pretrained", "pretrained")):
+        spec["model"]["clip_weights"] = clip_weights
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
+        assert load_train_spec(tmp_path / "train.yaml").model.clip_weights == expected

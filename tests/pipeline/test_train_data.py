@@ -114,3 +114,12 @@ def test_validation_labels_are_checked_before_training(tmp_path):
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "val" / "labels" / "img2.png")
     inputs = training_inputs(spec)
     assert len(inputs.validation.items) == 3 and inputs.taxonomy.classes == ("a", "b", "c")
+
+
+def test_a_folders_ignore_id_pads_the_labels(tmp_path):
+    write_folder(tmp_path / "data", count=1, size=40)
+    spec = spec_for({"url": str(tmp_path / "data"), "ignore_label": 7}, ["a"], batch_size=1, crop=64, short_edge=40, colour=False)
+    data = labelled_data(spec.data)
+    assert data.ignore_label == 7
+    _, labels = load_batch(spec, data, iteration=0, rank=0, world=1)
+    assert (labels[0, 40:] == 7).all() and (labels[0, :40, :40] == 0).all()
