@@ -30,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fft_conv import SpectrumCache, fft_conv2d, fft_pays
 from .layout import channel_norm, channels_last, pointwise
 
 # Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=64, with `allocator.keep_freed_memory`):
 # 8, 16 and 32 rows run at the same speed, so the smallest keeps the temporaries small.
 DEFAULT_CHUNK_ROWS = 8
+# Rows per FFT convolution of conv1 (several chunks of one image): its per-frequency products are
+# small matrices, and 32 rows run them about twice as fast per row as 8.
+FFT_GROUP_ROWS = 32
 
 
 @dataclass
@@ -303,6 +307,7 @@ class SEDDecoder(nn.Module):
         self.head2 = nn.Conv2d(widths[2], 1, 3, padding=1)
         self.head = nn.Conv2d(widths[3], 1, 3, padding=1)
         self.chunk_rows = DEFAULT_CHUNK_ROWS
+        self._conv1_spectrum = SpectrumCache()
 
     def forward(
         self,
@@ -332,7 +337,7 @@ class SEDDecoder(nn.Module):
         ]
 
         spans = rows.chunk_spans(chunk_rows)
-        chunks = [channels_last(self.conv1(self._cost_rows(cost, rows, first, end))) for _, first, end in spans]
+        chunks = self._embed_cost(cost, rows, spans)
         stage_logits = [StageLogits(torch.cat([self.head0(x.detach()) for x in chunks]).squeeze(1), rows)]
         stages = (self.decoder1, self.decoder2, self.decoder3)
         heads = (self.head1, self.head2, self.head)
@@ -381,10 +386,26 @@ class SEDDecoder(nn.Module):
                 outputs.append(y)
         return outputs, torch.cat(logits)
 
+    def _embed_cost(self, cost: torch.Tensor, rows: Rows, spans: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """`conv1` over the cost volume of each chunk of rows.
+
+        In float32 inference on CPU it goes through the FFT (`fft_conv.py`), on groups of whole
+        chunks of one image (the same groups in any batch, like the chunks).
+        """
+        weight, bias = self.conv1.weight, self.conv1.bias
+        if not fft_pays(cost, weight):
+            return [channels_last(self.conv1(channels_last(self._cost_rows(cost, rows, first, end)))) for _, first, end in spans]
+        chunks: list[torch.Tensor] = []
+        for group in _image_groups(spans, FFT_GROUP_ROWS):
+            first, end = group[0][1], group[-1][2]
+            y = fft_conv2d(self._cost_rows(cost, rows, first, end), weight, bias, self.conv1.padding[0], self._conv1_spectrum)
+            chunks += [channels_last(y[span_first - first : span_end - first]) for _, span_first, span_end in group]
+        return chunks
+
     @staticmethod
     def _cost_rows(cost: torch.Tensor, rows: Rows, first: int, end: int) -> torch.Tensor:
-        """The cost volume `(n, P, h, w)` of rows `first:end`."""
-        return channels_last(cost[rows.image_index[first:end], rows.class_index[first:end]])
+        """The cost volume `(n, P, h, w)` of rows `first:end` (NCHW)."""
+        return cost[rows.image_index[first:end], rows.class_index[first:end]]
 
     def _correlation(self, cost: torch.Tensor, rows: Rows, first: int, end: int, level: int) -> torch.Tensor:
         """Correlation guidance of rows `first:end` for up-stage `level`, chained on the raw cost volume.
@@ -392,10 +413,22 @@ class SEDDecoder(nn.Module):
         Recomputed per stage from the cost volume (about 1% of the decoder's work) rather than held
         for every row between stages, which at the last stage would cost as much memory as its input.
         """
-        x = self._cost_rows(cost, rows, first, end)
+        x = channels_last(self._cost_rows(cost, rows, first, end))
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = projection(x)
         return x
+
+
+def _image_groups(spans: Sequence[tuple[int, int, int]], group_rows: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive chunk spans of one image, gathered until a group holds `group_rows` rows or more."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for span in spans:
+        current = groups[-1] if groups else None
+        if current is None or current[0][0] != span[0] or current[-1][2] - current[0][1] >= group_rows:
+            groups.append([span])
+        else:
+            current.append(span)
+    return groups
 
 
 def _regroup(chunks: list[torch.Tensor], keep: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
