@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers.activations import GELU as TimmGELU
 from torch import nn
 
 # oneDNN post-op names and algorithms of the activations `pointwise` can fuse.
@@ -22,8 +23,11 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def activation_name(module: nn.Module) -> str | None:
-    """`"gelu"` (exact) or `"relu"` if `module` is that activation, else None."""
-    if type(module) is nn.GELU and module.approximate == "none":
+    """`"gelu"` (exact) or `"relu"` if `module` is that activation, else None.
+
+    timm's own `GELU` (exact, what OpenCLIP's ConvNeXt towers are built with) counts as GELU.
+    """
+    if (type(module) is nn.GELU and module.approximate == "none") or type(module) is TimmGELU:
         return "gelu"
     if type(module) is nn.ReLU:
         return "relu"

@@ -1,8 +1,13 @@
 """The channels-last helpers compute what the layers define, fused or not; the allocator setting."""
 
 import pytest
+import timm
 import torch
 from torch import nn
+
+from timm.layers.activations import GELU as TimmGELU
+from timm.layers.activations import GELUTanh
+from timm.models.convnext import ConvNeXtBlock
 
 from sed_model import layout
 from sed_model.allocator import keep_freed_memory
@@ -44,8 +49,17 @@ def test_fused_path_only_where_it_is_exact(linear):
 def test_activation_name_recognises_only_fusable_modules():
     assert layout.activation_name(nn.GELU()) == "gelu"
     assert layout.activation_name(nn.GELU(approximate="tanh")) is None
+    assert layout.activation_name(TimmGELU()) == "gelu"  # OpenCLIP's ConvNeXt towers use timm's
+    assert layout.activation_name(GELUTanh()) is None
     assert layout.activation_name(nn.ReLU()) == "relu"
     assert layout.activation_name(nn.SiLU()) is None
+
+
+def test_timm_convnext_blocks_take_the_fused_route():
+    """timm builds ConvNeXt (OpenCLIP's ConvNeXt-B/L towers included) with its own exact GELU."""
+    blocks = [m for m in timm.create_model("convnext_atto").modules() if isinstance(m, ConvNeXtBlock)]
+    assert blocks
+    assert all(layout.activation_name(block.mlp.act) == "gelu" for block in blocks)
 
 
 def test_channel_norm_is_layer_norm_over_channels():
