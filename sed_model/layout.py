@@ -35,7 +35,7 @@ def activation_name(module: nn.Module) -> str | None:
 
 
 def _can_fuse(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """oneDNN's fused convolution has no autograd and no autocast rule: inference on CPU only."""
+    """oneDNN's fused operators have no autograd and no autocast rule: inference on CPU only."""
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
@@ -48,10 +48,15 @@ def _can_fuse(x: torch.Tensor, layer: nn.Linear) -> bool:
 def pointwise(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
     """`layer` over the channel axis of an NCHW map, as a 1x1 convolution, then `activation`.
 
-    `activation` is None, `"gelu"` (exact) or `"relu"`.
+    `activation` is None, `"gelu"` (exact) or `"relu"`. In CPU inference an activation is fused
+    into oneDNN's convolution; without one, oneDNN's matrix product runs on the positions, which
+    is as fast for most shapes and 3x faster for wide inputs on few positions (measured on a 2-core
+    AMD EPYC: ConvNeXt-B's last-stage 4096 -> 1024 at 24x24, 41 against 137 ms as a convolution).
     """
     weight = layer.weight[:, :, None, None]
-    if activation is not None and _can_fuse(x, layer):
+    if _can_fuse(x, layer):
+        if activation is None:
+            return _linear_on_positions(x, layer)
         attr, algorithm = _FUSED_ACTIVATIONS[activation]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, layer.bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm)
     y = F.conv2d(x, weight, layer.bias)
@@ -60,6 +65,14 @@ def pointwise(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) 
     if activation == "relu":
         return F.relu(y, inplace=True)
     return y
+
+
+def _linear_on_positions(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """oneDNN's matrix product over the (positions, channels) rows of `x`; a channels-last result."""
+    n, channels, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view when `x` is channels-last
+    y = torch.ops.mkldnn._linear_pointwise(rows, layer.weight, layer.bias, "none", [], "")
+    return y.view(n, height, width, -1).permute(0, 3, 1, 2)
 
 
 def channel_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:

@@ -30,6 +30,14 @@ def test_pointwise_equals_the_linear_layer_then_activation(linear, activation, m
     torch.testing.assert_close(unfused, expected.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_pointwise_without_activation_takes_any_layout(linear):
+    x = torch.randn(2, 16, 5, 7)  # NCHW: the matrix-product route copies it to positions first
+    with torch.inference_mode():
+        y = layout.pointwise(x, linear)
+    assert y.shape == (2, 64, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_pointwise_keeps_gradients_outside_inference(linear):
     x = torch.randn(1, 16, 4, 4, requires_grad=True)
     layout.pointwise(x, linear, "gelu").sum().backward()
