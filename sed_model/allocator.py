@@ -1,5 +1,7 @@
 """Keep freed memory in the process for reuse: a process-wide setting for fast CPU inference.
 
+(`advise_huge_pages` is the other half: large buffers that are mapped fresh fill with 2 MB pages.)
+
 SED allocates and frees tens of MB per layer call. glibc's malloc serves large allocations with
 fresh `mmap` pages and hands freed heap tops back to the OS, so each call faults in new zeroed
 pages: measured on a 2-core AMD EPYC (ConvNeXt-B, T=32), about 150,000 page faults per decoder call
@@ -14,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+import torch
 
 # mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -32,3 +36,29 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+
+
+_MADV_HUGEPAGE = 14  # madvise(2)
+_HUGE_PAGE_BYTES = 2 * 2**20
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back a large CPU tensor's memory with transparent huge pages; best effort.
+
+    A fresh 1 GB mapping faults in 262,144 pages of 4 KB one by one; with huge pages 512. Only
+    the 2 MB-aligned part of the tensor's memory is advised. Returns whether the advice was taken.
+    """
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    first = -(-start // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
+    last = end // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+    if last <= first:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(first, last - first, _MADV_HUGEPAGE) == 0

@@ -23,6 +23,7 @@ Module and parameter names follow the paper's checkpoints (`sem_seg_head.predict
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import advise_huge_pages
 from .fft_conv import SpectrumCache, fft_conv2d, fft_pays
 from .layout import channel_norm, channels_last, pointwise
 
@@ -39,6 +41,12 @@ DEFAULT_CHUNK_ROWS = 8
 # Rows per FFT convolution of conv1 (several chunks of one image): its per-frequency products are
 # small matrices, and 32 rows run them about twice as fast per row as 8.
 FFT_GROUP_ROWS = 32
+# In inference, the chunks a stage hands to the next are carved out of allocations of at least this
+# size (`_chunk_stores`): above glibc's mmap threshold (`allocator.py`), so each goes back to the OS
+# whole once its chunks are consumed, instead of leaving holes in the heap that the next stage's
+# larger chunks cannot reuse (measured at T=847: the peak grew by 0.2-0.4 GB from one call to the
+# next that way).
+STORE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -105,10 +113,11 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
         y = channel_norm(self.dwconv(x), self.norm)
         y = pointwise(pointwise(y, self.pwconv1, "gelu"), self.pwconv2)
-        return torch.addcmul(x, self.gamma[:, None, None], y)
+        return torch.addcmul(x, self.gamma[:, None, None], y, out=x) if inplace else torch.addcmul(x, self.gamma[:, None, None], y)
 
 
 class LinearAttention(nn.Module):
@@ -239,8 +248,11 @@ class UpStage(nn.Module):
         self.guidance_channels = guidance_channels
 
     def first_pass(self, x: torch.Tensor, pooling: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ConvNeXt block on a chunk (one image's rows) and the chunk's class sums."""
-        x = self.cnext(x)
+        """The ConvNeXt block on a chunk (one image's rows) and the chunk's class sums.
+
+        In inference the block's output overwrites the chunk, so it stays in its store.
+        """
+        x = self.cnext(x, inplace=not torch.is_grad_enabled())
         return (x, *self.attention.class_sums(x, pooling))
 
     def appearance_term(self, appearance: torch.Tensor) -> torch.Tensor:
@@ -262,17 +274,21 @@ class UpStage(nn.Module):
         appearance_term: torch.Tensor,
         correlation: torch.Tensor,
         pooling: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The stage after its ConvNeXt block for one chunk (`x`: `cnext`'s output, one image's rows).
 
         `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term.
+        With `out` (inference only), the result is written there.
         """
         x = self.up(self.attention(x, kv, k_sum, pooling))
         conv = self.conv.double_conv[0]
         c_up = x.shape[1]
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
         fused = F.conv2d(torch.cat([x, correlation], dim=1), per_class_weight, padding=conv.padding)
-        return self.conv.double_conv[1:](fused + appearance_term)
+        norm1, relu, conv2, norm2, final_relu = self.conv.double_conv[1:]
+        y = norm2(conv2(relu(norm1(fused + appearance_term))))
+        return final_relu(y) if out is None else torch.clamp_min(y, 0, out=out)
 
 
 class SEDDecoder(nn.Module):
@@ -368,19 +384,26 @@ class SEDDecoder(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Both passes of one up-stage over the chunks; returns the output chunks and the head's logits.
 
-        Each input chunk is released as soon as it is consumed, so at most one stage's input and
-        one stage's output are held at a time (none for the last stage: only its logits are kept).
+        At most one stage's input and one stage's output are held at a time (none for the last
+        stage: only its logits are kept). Each input chunk is released once consumed; in inference
+        the output chunks are carved from large stores (`_chunk_stores`), each released once all of
+        its chunks are consumed by the next stage.
         """
         sums = ClassSums(len(rows.counts))
         for i, (image, _, _) in enumerate(spans):
             chunks[i], kv, k_sum = stage.first_pass(chunks[i], pooling)
             sums.add(image, kv, k_sum)
         appearance_term = stage.appearance_term(appearance)
+        stores = None
+        if not last and not torch.is_grad_enabled() and not torch.is_autocast_enabled(appearance_term.device.type):
+            out_shape = (stage.conv.double_conv[3].out_channels, *appearance_term.shape[-2:])
+            stores = _chunk_stores(spans, out_shape, appearance_term)
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
             correlation = self._correlation(cost, rows, first, end, level)
-            y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling)
+            out = None if stores is None else stores[i]
+            y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out)
             logits.append(head(y if last else y.detach()).squeeze(1))
             if not last:
                 outputs.append(y)
@@ -395,11 +418,14 @@ class SEDDecoder(nn.Module):
         weight, bias = self.conv1.weight, self.conv1.bias
         if not fft_pays(cost, weight):
             return [channels_last(self.conv1(channels_last(self._cost_rows(cost, rows, first, end)))) for _, first, end in spans]
-        chunks: list[torch.Tensor] = []
+        chunks = _chunk_stores(spans, (weight.shape[0], *cost.shape[-2:]), cost)
+        done = 0
         for group in _image_groups(spans, FFT_GROUP_ROWS):
             first, end = group[0][1], group[-1][2]
             y = fft_conv2d(self._cost_rows(cost, rows, first, end), weight, bias, self.conv1.padding[0], self._conv1_spectrum)
-            chunks += [channels_last(y[span_first - first : span_end - first]) for _, span_first, span_end in group]
+            for _, span_first, span_end in group:
+                chunks[done].copy_(y[span_first - first : span_end - first])
+                done += 1
         return chunks
 
     @staticmethod
@@ -417,6 +443,31 @@ class SEDDecoder(nn.Module):
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = projection(x)
         return x
+
+
+def _chunk_stores(spans: Sequence[tuple[int, int, int]], row_shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
+    """Empty channels-last chunks `(rows, *row_shape)` for `spans`, carved from stores of consecutive chunks.
+
+    Each store holds at least `STORE_BYTES` (but the last), so it is its own mapping: it goes back
+    to the OS as a whole once all of its chunks are released. Huge pages are asked for, so filling
+    a store costs few page faults.
+    """
+    row_bytes = math.prod(row_shape) * like.element_size()
+    chunks: list[torch.Tensor] = []
+    start = 0
+    while start < len(spans):
+        stop, store_rows = start, 0
+        while stop < len(spans) and store_rows * row_bytes < STORE_BYTES:
+            store_rows += spans[stop][2] - spans[stop][1]
+            stop += 1
+        store = torch.empty((store_rows, *row_shape), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+        advise_huge_pages(store)
+        offset = 0
+        for _, first, end in spans[start:stop]:
+            chunks.append(store[offset : offset + end - first])
+            offset += end - first
+        start = stop
+    return chunks
 
 
 def _image_groups(spans: Sequence[tuple[int, int, int]], group_rows: int) -> list[list[tuple[int, int, int]]]:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import sed_model
-from sed_model.decoder import Rows, _regroup
+from sed_model import decoder as decoder_module
+from sed_model.allocator import advise_huge_pages
+from sed_model.decoder import Rows, _chunk_stores, _regroup
 
 
 def test_chunk_spans_never_span_images_and_cut_each_image_alike_in_every_batch():
@@ -51,3 +53,34 @@ def test_rejects_bad_chunk_size(tiny_pooling2, reference):
         cost = sed_model.cost_volume(features["clip_vis_dense"], text)
         with pytest.raises(ValueError, match="chunk_rows"):
             tiny_pooling2.decoder(cost, (features["res4"], features["res3"], features["res2"]), 2, None, chunk_rows=0)
+
+
+def test_chunk_stores_carve_whole_chunks_out_of_large_stores(monkeypatch):
+    monkeypatch.setattr(decoder_module, "STORE_BYTES", 10 * 4 * 4)  # 10 rows of (4,) float32 per store
+    spans = Rows(torch.zeros(23, dtype=torch.long), torch.zeros(23, dtype=torch.long), [16, 7]).chunk_spans(3)
+    chunks = _chunk_stores(spans, (4, 1, 1), torch.zeros(1))
+    assert [c.shape[0] for c in chunks] == [end - first for _, first, end in spans]
+    assert all(c.is_contiguous(memory_format=torch.channels_last) for c in chunks)
+    stores = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
+    # Stores fill up to at least 10 rows with whole chunks: 12 + 10 (4 + 3 + 3) + 1 rows.
+    assert sorted(stores.values(), reverse=True) == [12 * 16, 10 * 16, 1 * 16]
+
+
+def test_inference_stores_do_not_change_the_outputs(tiny_pooling2, reference, cer_cases, monkeypatch):
+    images = [reference["images"][0], reference["images"][1]]
+    text = cer_cases["text_features"][:40]
+    model = tiny_pooling2
+    with torch.no_grad():
+        features = model.dense_features(images)
+        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
+        appearance = (features["res4"], features["res3"], features["res2"])
+        one_store = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+        monkeypatch.setattr(decoder_module, "STORE_BYTES", 1)  # a store per chunk
+        many_stores = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+    for a, b in zip(one_store, many_stores):
+        assert torch.equal(a.logits, b.logits)
+
+
+def test_huge_page_advice_for_large_cpu_tensors():
+    assert advise_huge_pages(torch.empty(8 * 2**20, dtype=torch.uint8))  # 8 MB: at least one aligned 2 MB page
+    assert not advise_huge_pages(torch.empty(1024, dtype=torch.uint8))  # smaller than a huge page
