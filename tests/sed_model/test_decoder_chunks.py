@@ -27,16 +27,20 @@ def test_regroup_keeps_order_and_regroups_to_the_given_sizes():
     assert chunks == [None, None, None]  # consumed: each input chunk is released once read
 
 
+def _two_images_40_classes(model, reference, cer_cases) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The decoder's inputs (cost volume, appearance features) for two fixture images and 40 classes."""
+    with torch.no_grad():
+        features = model.dense_features([reference["images"][0], reference["images"][1]])
+        cost = sed_model.cost_volume(features["clip_vis_dense"], cer_cases["text_features"][:40])
+    return cost, (features["res4"], features["res3"], features["res2"])
+
+
 @pytest.mark.parametrize("top_k", [None, 1])
 def test_chunk_size_does_not_change_the_outputs(tiny_pooling2, reference, cer_cases, top_k):
     # 40 classes x 2 images: chunks of 7 rows cut through images and through kept sets.
-    images = [reference["images"][0], reference["images"][1]]
-    text = cer_cases["text_features"][:40]
     model = tiny_pooling2
+    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
     with torch.no_grad():
-        features = model.dense_features(images)
-        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
-        appearance = (features["res4"], features["res3"], features["res2"])
         one_chunk = model.decoder(cost, appearance, model.pooling, top_k, chunk_rows=10_000)
         for chunk_rows in (3, 7):
             chunked = model.decoder(cost, appearance, model.pooling, top_k, chunk_rows=chunk_rows)
@@ -67,13 +71,9 @@ def test_chunk_stores_carve_whole_chunks_out_of_large_stores(monkeypatch):
 
 
 def test_inference_stores_do_not_change_the_outputs(tiny_pooling2, reference, cer_cases, monkeypatch):
-    images = [reference["images"][0], reference["images"][1]]
-    text = cer_cases["text_features"][:40]
     model = tiny_pooling2
+    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
     with torch.no_grad():
-        features = model.dense_features(images)
-        cost = sed_model.cost_volume(features["clip_vis_dense"], text)
-        appearance = (features["res4"], features["res3"], features["res2"])
         one_store = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
         monkeypatch.setattr(decoder_module, "STORE_BYTES", 1)  # a store per chunk
         many_stores = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
