@@ -16,7 +16,7 @@ from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from .layout import activation_name, channel_norm, channels_last, pointwise
+from .layout import activation_name, channel_norm, channels_last, pointwise, pointwise_mlp
 
 
 class CLIPBackbone(nn.Module):
@@ -85,8 +85,10 @@ def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     y = channel_norm(block.conv_dw(x), block.norm)
     activation = activation_name(mlp.act)
-    y = pointwise(y, mlp.fc1, activation)
-    y = pointwise(y if activation else mlp.act(y), mlp.fc2)
+    if activation:
+        y = pointwise_mlp(y, mlp.fc1, activation, mlp.fc2)
+    else:
+        y = pointwise(mlp.act(pointwise(y, mlp.fc1)), mlp.fc2)
     if block.gamma is None:
         return y + block.shortcut(x)
     return torch.addcmul(block.shortcut(x), y, block.gamma[:, None, None])

@@ -33,7 +33,7 @@ from torch import nn
 
 from .allocator import advise_huge_pages
 from .fft_conv import SpectrumCache, fft_conv2d, fft_pays
-from .layout import channel_norm, channels_last, pointwise
+from .layout import channel_norm, channels_last, pointwise, pointwise_mlp
 
 # Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=64, with `allocator.keep_freed_memory`):
 # 8, 16 and 32 rows run at the same speed, so the smallest keeps the temporaries small.
@@ -116,7 +116,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
         y = channel_norm(self.dwconv(x), self.norm)
-        y = pointwise(pointwise(y, self.pwconv1, "gelu"), self.pwconv2)
+        y = pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2)
         return torch.addcmul(x, self.gamma[:, None, None], y, out=x) if inplace else torch.addcmul(x, self.gamma[:, None, None], y)
 
 
@@ -207,7 +207,7 @@ class ClassAttention(nn.Module):
         """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`."""
         y = self._pool(x, pooling)
         y = y + self.attention(channel_norm(y, self.norm1), kv, k_sum)
-        y = y + pointwise(pointwise(channel_norm(y, self.norm2), self.MLP[0], "relu"), self.MLP[2])
+        y = y + pointwise_mlp(channel_norm(y, self.norm2), self.MLP[0], "relu", self.MLP[2])
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         # The paper adds the whole pooled result (not only the attention update) back to x.

@@ -38,6 +38,20 @@ def test_pointwise_without_activation_takes_any_layout(linear):
     torch.testing.assert_close(y, linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation, module", [(None, nn.Identity()), ("gelu", nn.GELU()), ("relu", nn.ReLU())])
+def test_pointwise_mlp_in_position_groups_equals_the_layers(linear, activation, module, monkeypatch):
+    fc2 = nn.Linear(64, 16)
+    x = layout.channels_last(torch.randn(3, 16, 7, 5))
+    expected = fc2(module(linear(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2).detach()
+    monkeypatch.setattr(layout, "HIDDEN_BYTES", 64 * 4 * 10)  # groups of 10 of the 105 positions
+    with torch.inference_mode():
+        grouped = layout.pointwise_mlp(x, linear, activation, fc2)
+        nchw = layout.pointwise_mlp(x.contiguous(), linear, activation, fc2)  # not channels-last: one piece
+    assert grouped.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nchw, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_pointwise_keeps_gradients_outside_inference(linear):
     x = torch.randn(1, 16, 4, 4, requires_grad=True)
     layout.pointwise(x, linear, "gelu").sum().backward()
