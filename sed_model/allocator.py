@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 import torch
@@ -26,14 +27,21 @@ _MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's upper bound for this setting on 64
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest value mallopt takes
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The process's C library on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to reuse freed memory; False (and nothing done) on other C libraries."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = getattr(_libc(), "mallopt", None)  # musl and others have no mallopt
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
 
@@ -48,7 +56,8 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     A fresh 1 GB mapping faults in 262,144 pages of 4 KB one by one; with huge pages 512. Only
     the 2 MB-aligned part of the tensor's memory is advised. Returns whether the advice was taken.
     """
-    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+    madvise = getattr(_libc(), "madvise", None)
+    if tensor.device.type != "cpu" or madvise is None:
         return False
     start = tensor.data_ptr()
     end = start + tensor.untyped_storage().nbytes()
@@ -56,9 +65,5 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     last = end // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
     if last <= first:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(first, last - first, _MADV_HUGEPAGE) == 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(first, last - first, _MADV_HUGEPAGE) == 0

@@ -14,9 +14,11 @@ runs in two passes over the chunks: the ConvNeXt block and those sums first, the
 the whole image's sums and the rest of the stage. That is the paper's computation, exactly, in
 another order.
 
-Speed on CPUs: feature maps are channels-last and pointwise layers run as 1x1 convolutions, fused
-with their activation in inference (`layout.py`); the appearance guidance is convolved once per image instead of once per class (see
-`UpStage.appearance_term`).
+Speed on CPUs: feature maps are channels-last and pointwise layers go through oneDNN, fused with
+their activation in inference (`layout.py`); conv1 runs through the FFT in float32 inference
+(`fft_conv.py`); the appearance guidance is convolved once per image instead of once per class (see
+`UpStage.appearance_term`). In inference the chunks one stage hands to the next live in large
+stores of their own (`_chunk_stores`), so the heap does not fragment between stages.
 
 Module and parameter names follow the paper's checkpoints (`sem_seg_head.predictor.transformer.*`).
 """
@@ -117,7 +119,7 @@ class ConvNeXtBlock(nn.Module):
         """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
         y = channel_norm(self.dwconv(x), self.norm)
         y = pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2)
-        return torch.addcmul(x, self.gamma[:, None, None], y, out=x) if inplace else torch.addcmul(x, self.gamma[:, None, None], y)
+        return torch.addcmul(x, self.gamma[:, None, None], y, out=x if inplace else None)
 
 
 class LinearAttention(nn.Module):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import cpu_float32_inference
+
 
 def _transform_size(height: int, width: int, kernel: tuple[int, int]) -> tuple[int, int]:
     """The FFT size of a full linear convolution (no wrap-around)."""
@@ -72,11 +74,5 @@ def fft_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     On GPUs cuDNN's direct kernels win; in training the direct convolution keeps the paper's
     gradients to the last bit.
     """
-    return (
-        x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and x.dtype == weight.dtype == torch.float32
-        and weight.shape[-1] >= 5
-    )
+    return cpu_float32_inference(x, weight) and weight.shape[-1] >= 5
 

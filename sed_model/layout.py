@@ -39,13 +39,17 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
-def _can_fuse(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """oneDNN's fused operators have no autograd and no autocast rule: inference on CPU only."""
+def cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Float32 inference on CPU without autocast: where this package's CPU-only routes apply.
+
+    oneDNN's fused operators have no autograd and no autocast rule, and the routes are chosen for
+    CPU kernels (on GPUs cuDNN's own are faster).
+    """
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
-        and x.dtype == layer.weight.dtype == torch.float32
+        and x.dtype == weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
     )
 
@@ -59,7 +63,7 @@ def pointwise(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) 
     AMD EPYC: ConvNeXt-B's last-stage 4096 -> 1024 at 24x24, 41 against 137 ms as a convolution).
     """
     weight = layer.weight[:, :, None, None]
-    if _can_fuse(x, layer):
+    if cpu_float32_inference(x, layer.weight):
         if activation is None:
             return _linear_on_positions(x, layer)
         attr, algorithm = _FUSED_ACTIVATIONS[activation]
@@ -72,18 +76,19 @@ def pointwise(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) 
     return y
 
 
-def pointwise_mlp(x: torch.Tensor, fc1: nn.Linear, activation: str | None, fc2: nn.Linear) -> torch.Tensor:
-    """`fc2(activation(fc1(x)))` over the channel axis of an NCHW map (`pointwise` twice).
+def pointwise_mlp(x: torch.Tensor, fc1: nn.Linear, activation: str, fc2: nn.Linear) -> torch.Tensor:
+    """`fc2(activation(fc1(x)))` over the channel axis of an NCHW map (`pointwise` twice);
+    `activation` is `"gelu"` (exact) or `"relu"`.
 
     In CPU inference on a channels-last map, it runs over groups of positions whose hidden
     activation fits in `HIDDEN_BYTES`, with oneDNN's matrix product (the activation fused).
     """
     n, channels, height, width = x.shape
     group = max(1, HIDDEN_BYTES // (fc1.out_features * x.element_size()))
-    if not (_can_fuse(x, fc1) and x.is_contiguous(memory_format=torch.channels_last)) or n * height * width <= group:
+    if not (cpu_float32_inference(x, fc1.weight) and x.is_contiguous(memory_format=torch.channels_last)) or n * height * width <= group:
         return pointwise(pointwise(x, fc1, activation), fc2)
     rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
-    attr, algorithm = _FUSED_ACTIVATIONS[activation] if activation else ("none", None)
+    attr, algorithm = _FUSED_ACTIVATIONS[activation]
     out = torch.empty(rows.shape[0], fc2.out_features, dtype=x.dtype)
     for first in range(0, rows.shape[0], group):
         hidden = torch.ops.mkldnn._linear_pointwise(rows[first : first + group], fc1.weight, fc1.bias, attr, [], algorithm or "")

@@ -8,7 +8,7 @@ import torch
 import sed_model
 from sed_model import decoder as decoder_module
 from sed_model.allocator import advise_huge_pages
-from sed_model.decoder import Rows, _chunk_stores, _regroup
+from sed_model.decoder import ConvNeXtBlock, Rows, _chunk_stores, _regroup
 
 
 def test_chunk_spans_never_span_images_and_cut_each_image_alike_in_every_batch():
@@ -84,3 +84,14 @@ def test_inference_stores_do_not_change_the_outputs(tiny_pooling2, reference, ce
 def test_huge_page_advice_for_large_cpu_tensors():
     assert advise_huge_pages(torch.empty(8 * 2**20, dtype=torch.uint8))  # 8 MB: at least one aligned 2 MB page
     assert not advise_huge_pages(torch.empty(1024, dtype=torch.uint8))  # smaller than a huge page
+
+
+def test_convnext_block_in_place_writes_over_its_input():
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(16, 9).eval()
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x)
+        y = block(x, inplace=True)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
