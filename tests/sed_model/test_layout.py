@@ -96,3 +96,23 @@ def test_keep_freed_memory_applies_on_glibc():
 
     applied = keep_freed_memory()
     assert applied == (platform.libc_ver()[0] == "glibc")
+
+
+def test_small_linear_weights_are_packed_once_per_version_and_large_ones_never(linear, monkeypatch):
+    x = layout.channels_last(torch.randn(2, 16, 6, 5))
+    with torch.inference_mode():
+        first = layout.pointwise(x, linear)
+        packed = layout._packed_weights[linear][1]
+        assert layout.pointwise(x, linear) is not None and layout._packed_weights[linear][1] is packed  # reused
+    with torch.no_grad():
+        linear.weight.mul_(2)  # an in-place update (an optimizer step, load_state_dict) makes a new pack
+    with torch.inference_mode():
+        doubled = layout.pointwise(x, linear)
+        assert layout._packed_weights[linear][1] is not packed
+    torch.testing.assert_close(doubled - linear.bias[:, None, None], 2 * (first - linear.bias[:, None, None]), atol=1e-5, rtol=1e-5)
+    large = nn.Linear(16, 64)
+    monkeypatch.setattr(layout, "PACKED_WEIGHT_BYTES", 64 * 16 * 4 - 1)
+    with torch.inference_mode():
+        y = layout.pointwise(x, large)
+    assert large not in layout._packed_weights
+    torch.testing.assert_close(y, large(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).detach(), atol=1e-5, rtol=1e-5)
