@@ -35,7 +35,7 @@ from torch import nn
 
 from .allocator import advise_huge_pages
 from .fft_conv import SpectrumCache, fft_conv2d, fft_pays
-from .layout import channel_norm, channels_last, pointwise, pointwise_mlp
+from .layout import channel_norm, channels_last, pointwise, pointwise_mlp, up_relu
 
 # Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=64, with `allocator.keep_freed_memory`):
 # 8, 16 and 32 rows run at the same speed, so the smallest keeps the temporaries small.
@@ -451,7 +451,7 @@ class SEDDecoder(nn.Module):
         """
         x = channels_last(self._cost_rows(cost, rows, first, end))
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
-            x = projection(x)
+            x = up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
         return x
 
 

@@ -112,6 +112,16 @@ def _linear_rows(rows: torch.Tensor, layer: nn.Linear, activation: str | None) -
     return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
 
+def up_relu(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
+    """`relu(up(x))`; in CPU inference one oneDNN call with the ReLU fused (measured on a 2-core
+    AMD EPYC: the decoder's correlation projections 30-40% faster)."""
+    if not cpu_float32_inference(x, up.weight):
+        return F.relu(up(x), inplace=True)
+    return torch.ops.mkldnn._convolution_transpose_pointwise(
+        x, up.weight, up.bias, list(up.padding), list(up.output_padding), list(up.stride), list(up.dilation), up.groups, "relu", [], ""
+    )
+
+
 def channel_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """`norm` over the channel axis of an NCHW map; no copy when `x` is channels-last."""
     y = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)

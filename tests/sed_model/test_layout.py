@@ -116,3 +116,14 @@ def test_small_linear_weights_are_packed_once_per_version_and_large_ones_never(l
         y = layout.pointwise(x, large)
     assert large not in layout._packed_weights
     torch.testing.assert_close(y, large(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_up_relu_is_the_transposed_convolution_then_relu():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(12, 8, 2, stride=2)
+    x = layout.channels_last(torch.randn(3, 12, 5, 7))
+    expected = torch.relu(up(x)).detach()
+    with torch.inference_mode():  # oneDNN with the ReLU fused
+        fused = layout.up_relu(x, up)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layout.up_relu(x, up).detach(), expected)  # grad enabled: the module then ReLU
