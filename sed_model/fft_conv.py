@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import cpu_float32_inference
+from .layout import cpu_float32_inference, weight_key
 
 
 def _transform_size(height: int, width: int, kernel: tuple[int, int]) -> tuple[int, int]:
@@ -26,8 +26,8 @@ def _transform_size(height: int, width: int, kernel: tuple[int, int]) -> tuple[i
 class SpectrumCache:
     """The spectrum of one convolution weight for one map size, recomputed when either changes.
 
-    Keyed on the weight's storage and version counter, so an in-place update (loading a
-    checkpoint, an optimiser step) or a move to another device invalidates it.
+    Keyed on `layout.weight_key` and the size, so an in-place update (loading a checkpoint, an
+    optimiser step) or a move to another device invalidates it.
     """
 
     def __init__(self) -> None:
@@ -36,8 +36,9 @@ class SpectrumCache:
 
     def get(self, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """`(frequencies, in_channels, out_channels)` complex spectrum of the flipped kernel."""
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, size)
-        if key != self._key or self._spectrum is None:
+        weight_id = weight_key(weight)
+        key = None if weight_id is None else (*weight_id, size)
+        if key is None or key != self._key or self._spectrum is None:
             out_channels, in_channels = weight.shape[:2]
             # Flipped, because conv2d is a cross-correlation and the FFT multiplies into a convolution.
             spectrum = torch.fft.rfft2(weight.flip(-2, -1), s=size)  # (out, in, S0, S1 // 2 + 1)

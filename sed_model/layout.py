@@ -128,16 +128,29 @@ def channel_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
+def weight_key(weight: torch.Tensor) -> tuple | None:
+    """What identifies `weight`'s current values for a cache of things made from it: its storage,
+    version counter (bumped by every in-place update: a loaded checkpoint, an optimiser step),
+    device and dtype. None for inference tensors (made under `torch.inference_mode`), which have no
+    version counter: nothing made from them may be cached.
+    """
+    if weight.is_inference():
+        return None
+    return (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+
+
 def _packed_weight(layer: nn.Linear) -> torch.Tensor:
     """`layer.weight` in oneDNN's own blocked layout, made once per weight version.
 
     Given a plain weight, oneDNN reorders it on every call: 0.1-0.5 ms for the decoder's small
     layers, which it calls hundreds of times per image (measured on a 2-core AMD EPYC: its
     128 -> 512 product on 12,288 rows 16% faster packed). Kept per layer while it lives, and made
-    again after any in-place change of the weight.
+    again after any in-place change of the weight (never kept for inference tensors).
     """
     weight = layer.weight
-    key = (weight.data_ptr(), weight._version)
+    key = weight_key(weight)
+    if key is None:
+        return weight
     cached = _packed_weights.get(layer)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKING_ROWS))

@@ -47,6 +47,17 @@ def test_cache_follows_weight_updates_and_sizes() -> None:
     torch.testing.assert_close(fft_conv2d(y, weight, None, 2, cache), F.conv2d(y, weight, padding=2), atol=1e-4, rtol=1e-5)
 
 
+def test_inference_tensor_weights_are_never_cached() -> None:
+    """Weights made under inference mode have no version counter: an in-place update must still count."""
+    cache = SpectrumCache()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        weight = torch.randn(2, 3, 5, 5)
+        fft_conv2d(x, weight, None, 2, cache)
+        weight.mul_(2)
+        torch.testing.assert_close(fft_conv2d(x, weight, None, 2, cache), F.conv2d(x, weight, padding=2), atol=1e-4, rtol=1e-5)
+
+
 def test_rejects_what_it_does_not_compute() -> None:
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="odd square kernels"):

@@ -127,3 +127,14 @@ def test_up_relu_is_the_transposed_convolution_then_relu():
         fused = layout.up_relu(x, up)
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layout.up_relu(x, up).detach(), expected)  # grad enabled: the module then ReLU
+
+
+def test_a_model_built_under_inference_mode_runs_uncached():
+    """Inference tensors have no version counter: nothing made from them is cached (and nothing fails)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        linear = nn.Linear(16, 64)
+        x = layout.channels_last(torch.randn(2, 16, 6, 5))
+        y = layout.pointwise(x, linear)
+        assert layout.weight_key(linear.weight) is None and linear not in layout._packed_weights
+        torch.testing.assert_close(y, linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
