@@ -285,17 +285,21 @@ class UpStage(nn.Module):
         correlation: torch.Tensor,
         pooling: int,
         out: torch.Tensor | None = None,
+        fusion_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The stage after its ConvNeXt block for one chunk (`x`: `cnext`'s output, one image's rows).
 
         `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term.
-        With `out` (inference only), the result is written there.
+        With `out` (inference only), the result is written there; with `fusion_input` (inference
+        only, at least as many rows as `x`), the concatenation the fusion conv reads is built there.
         """
         x = self.up(self.attention(x, kv, k_sum, pooling))
         conv = self.conv.double_conv[0]
         c_up = x.shape[1]
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
-        fused = F.conv2d(torch.cat([x, correlation], dim=1), per_class_weight, padding=conv.padding)
+        parts = [x, correlation]
+        concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
+        fused = F.conv2d(concatenated, per_class_weight, padding=conv.padding)
         norm1, relu, conv2, norm2, final_relu = self.conv.double_conv[1:]
         y = norm2(conv2(relu(norm1(fused + appearance_term))))
         return final_relu(y) if out is None else torch.clamp_min(y, 0, out=out)
@@ -404,16 +408,21 @@ class SEDDecoder(nn.Module):
             chunks[i], kv, k_sum = stage.first_pass(chunks[i], pooling)
             sums.add(image, kv, k_sum)
         appearance_term = stage.appearance_term(appearance)
-        stores = None
-        if not last and not torch.is_grad_enabled() and not torch.is_autocast_enabled(appearance_term.device.type):
-            out_shape = (stage.conv.double_conv[3].out_channels, *appearance_term.shape[-2:])
-            stores = _chunk_stores(spans, out_shape, appearance_term)
+        stores = fusion_input = None
+        if not torch.is_grad_enabled() and not torch.is_autocast_enabled(appearance_term.device.type):
+            height, width = appearance_term.shape[-2:]
+            if not last:
+                stores = _chunk_stores(spans, (stage.conv.double_conv[3].out_channels, height, width), appearance_term)
+            # One concatenation buffer for all chunks: at the last stage it passes glibc's mmap
+            # threshold, and a fresh one per chunk cost ~4,000 page faults each (measured at T=64).
+            largest_chunk = max(end - first for _, first, end in spans)
+            fusion_input = _chunk_stores([(0, 0, largest_chunk)], (stage.conv.double_conv[0].in_channels - stage.guidance_channels, height, width), appearance_term)[0]
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
             correlation = self._correlation(cost, rows, first, end, level)
             out = None if stores is None else stores[i]
-            y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out)
+            y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out, fusion_input=fusion_input)
             logits.append(head(y if last else y.detach()).squeeze(1))
             if not last:
                 outputs.append(y)
