@@ -42,8 +42,9 @@ class CLIPBackbone(nn.Module):
     def dense_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
         trunk = self.clip.visual.trunk
-        # Channels-last, so timm's permutes are free and the blocks' MLPs can run as 1x1 convolutions
-        # through oneDNN (measured: the ConvNeXt-B trunk about 7% faster on a 2-core AMD EPYC).
+        # Channels-last, so timm's permutes are free and the blocks' MLPs run as oneDNN's matrix
+        # product on the positions (`layout.py`; measured: the ConvNeXt-B trunk about 7% faster on a
+        # 2-core AMD EPYC than in timm's layout).
         x = trunk.stem(channels_last(images))
         features: dict[str, torch.Tensor] = {}
         for i, stage in enumerate(trunk.stages):
@@ -75,7 +76,7 @@ class CLIPBackbone(nn.Module):
 
 
 def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's `ConvNeXtBlock` in evaluation, with its MLP's `Linear`s run as 1x1 convolutions.
+    """timm's `ConvNeXtBlock` in evaluation, with its MLP run through `layout.pointwise_mlp`.
 
     The same parameters and the same function (stochastic depth and dropout are off in evaluation);
     only the route to the kernels differs (`layout.py`). Other block types run as they are.

@@ -14,8 +14,8 @@ runs in two passes over the chunks: the ConvNeXt block and those sums first, the
 the whole image's sums and the rest of the stage. That is the paper's computation, exactly, in
 another order.
 
-Speed on CPUs: feature maps are channels-last and pointwise layers go through oneDNN, fused with
-their activation in inference (`layout.py`); conv1 runs through the FFT in float32 inference
+Speed on CPUs: feature maps are channels-last and pointwise layers go through oneDNN's matrix
+product in inference (`layout.py`); conv1 runs through the FFT in float32 inference
 (`fft_conv.py`); the appearance guidance is convolved once per image instead of once per class (see
 `UpStage.appearance_term`). In inference the chunks one stage hands to the next live in large
 stores of their own (`_chunk_stores`), so the heap does not fragment between stages.
@@ -416,7 +416,8 @@ class SEDDecoder(nn.Module):
             # One concatenation buffer for all chunks: at the last stage it passes glibc's mmap
             # threshold, and a fresh one per chunk cost ~4,000 page faults each (measured at T=64).
             largest_chunk = max(end - first for _, first, end in spans)
-            fusion_input = _chunk_stores([(0, 0, largest_chunk)], (stage.conv.double_conv[0].in_channels - stage.guidance_channels, height, width), appearance_term)[0]
+            per_class_channels = stage.conv.double_conv[0].in_channels - stage.guidance_channels
+            fusion_input = _chunk_stores([(0, 0, largest_chunk)], (per_class_channels, height, width), appearance_term)[0]
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None

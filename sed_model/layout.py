@@ -30,7 +30,7 @@ HIDDEN_BYTES = 24 * 2**20
 PACKED_WEIGHT_BYTES = 2**20
 # Rows per product that packed weights are laid out for; any count works.
 _PACKING_ROWS = 1024
-_packed_weights: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+_packed_weights: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
