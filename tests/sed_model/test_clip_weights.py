@@ -65,3 +65,18 @@ def test_a_file_that_is_no_checkpoint_is_named(reference, tmp_path):
     model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"], image_size=64))
     with pytest.raises(sed_model.ClipWeightsError, match="page.bin' is not a readable OpenCLIP checkpoint"):
         sed_model.load_clip_weights(model, str(tmp_path / "page.bin"))
+
+
+def test_a_url_query_does_not_hide_the_file_suffix(reference):
+    """OpenCLIP picks its reader by suffix: `...safetensors?signature` must be read as safetensors."""
+    from safetensors.torch import save
+
+    torch.manual_seed(1)
+    state = open_clip.model.CLIP(**reference["clip_cfg"]).state_dict()
+    url = "memory://clip-weights/open_clip_model.safetensors?X-Amz-Signature=abc"
+    with fsspec.open(url, "wb") as f:  # the memory filesystem keeps the query as part of the name
+        f.write(save({name: value.contiguous() for name, value in state.items()}))
+    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=reference["clip_cfg"], image_size=64))
+    sed_model.load_clip_weights(model, url)
+    loaded = model.backbone.clip.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in state.items())
