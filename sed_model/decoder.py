@@ -417,7 +417,7 @@ class SEDDecoder(nn.Module):
             # threshold, and a fresh one per chunk cost ~4,000 page faults each (measured at T=64).
             largest_chunk = max(end - first for _, first, end in spans)
             per_class_channels = stage.conv.double_conv[0].in_channels - stage.guidance_channels
-            fusion_input = _chunk_stores([(0, 0, largest_chunk)], (per_class_channels, height, width), appearance_term)[0]
+            fusion_input = _large_buffer((largest_chunk, per_class_channels, height, width), appearance_term)
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
@@ -469,8 +469,7 @@ def _chunk_stores(spans: Sequence[tuple[int, int, int]], row_shape: tuple[int, .
     """Empty channels-last chunks `(rows, *row_shape)` for `spans`, carved from stores of consecutive chunks.
 
     Each store holds at least `STORE_BYTES` (but the last), so it is its own mapping: it goes back
-    to the OS as a whole once all of its chunks are released. Huge pages are asked for, so filling
-    a store costs few page faults.
+    to the OS as a whole once all of its chunks are released.
     """
     row_bytes = math.prod(row_shape) * like.element_size()
     chunks: list[torch.Tensor] = []
@@ -480,14 +479,21 @@ def _chunk_stores(spans: Sequence[tuple[int, int, int]], row_shape: tuple[int, .
         while stop < len(spans) and store_rows * row_bytes < STORE_BYTES:
             store_rows += spans[stop][2] - spans[stop][1]
             stop += 1
-        store = torch.empty((store_rows, *row_shape), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-        advise_huge_pages(store)
+        store = _large_buffer((store_rows, *row_shape), like)
         offset = 0
         for _, first, end in spans[start:stop]:
             chunks.append(store[offset : offset + end - first])
             offset += end - first
         start = stop
     return chunks
+
+
+def _large_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An empty channels-last tensor with `like`'s dtype and device, huge pages asked for (a fresh
+    mapping then fills with few page faults)."""
+    buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    advise_huge_pages(buffer)
+    return buffer
 
 
 def _image_groups(spans: Sequence[tuple[int, int, int]], group_rows: int) -> list[list[tuple[int, int, int]]]:

@@ -81,6 +81,20 @@ def test_inference_stores_do_not_change_the_outputs(tiny_pooling2, reference, ce
         assert torch.equal(a.logits, b.logits)
 
 
+@pytest.mark.parametrize("model_name", ["tiny_pooling1", "tiny_pooling2"])
+def test_inference_buffers_give_the_outputs_of_the_plain_path(model_name, request, reference, cer_cases):
+    """Stores, the shared concatenation buffer (chunks of 7 rows: the last of each image is shorter)
+    and the in-place blocks of inference against the grad-enabled path, which uses none of them."""
+    model = request.getfixturevalue(model_name)
+    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
+    with torch.no_grad():
+        inference = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+    plain = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+    for a, b in zip(inference, plain):
+        assert a.rows.class_index.tolist() == b.rows.class_index.tolist()
+        torch.testing.assert_close(a.logits, b.logits.detach(), atol=1e-5, rtol=0)
+
+
 def test_huge_page_advice_for_large_cpu_tensors():
     assert advise_huge_pages(torch.empty(8 * 2**20, dtype=torch.uint8))  # 8 MB: at least one aligned 2 MB page
     assert not advise_huge_pages(torch.empty(1024, dtype=torch.uint8))  # smaller than a huge page
