@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import sed_model
+from sed_model import cpu_kernels
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TINY_CHECKPOINT = REFERENCE_DIR / "sed_tiny_official_format.pth"
@@ -51,3 +53,29 @@ def tiny_pooling2(reference) -> sed_model.SED:
 def tiny_pooling1(reference) -> sed_model.SED:
     """The fixture checkpoint with the paper's evaluation pooling (1x1), the product's default."""
     return tiny_model(reference["clip_cfg"], eval_pooling=1)
+
+
+def two_images_40_classes(model, reference, cer_cases) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The decoder's inputs (cost volume, appearance features) for two fixture images and 40 classes."""
+    with torch.no_grad():
+        features = model.dense_features([reference["images"][0], reference["images"][1]])
+        cost = sed_model.cost_volume(features["clip_vis_dense"], cer_cases["text_features"][:40])
+    return cost, (features["res4"], features["res3"], features["res2"])
+
+
+def require_cpu_kernels() -> None:
+    """Skip where no C++ compiler is (the kernels cannot be built); elsewhere their build must succeed."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: SED's fused CPU kernels cannot be built here")
+    assert cpu_kernels.available(), "SED's fused CPU kernels failed to build (see the warning)"
+
+
+@pytest.fixture(params=["fused_kernels", "torch_operators"])
+def cpu_kernel_route(request):
+    """Each of CPU float32 inference's two routes: the fused kernels and PyTorch's operators."""
+    if request.param == "torch_operators":
+        with cpu_kernels.disabled():
+            yield request.param
+    else:
+        require_cpu_kernels()
+        yield request.param

@@ -9,6 +9,7 @@ import sed_model
 from sed_model import decoder as decoder_module
 from sed_model.allocator import advise_huge_pages
 from sed_model.decoder import ConvNeXtBlock, Rows, _chunk_stores, _regroup
+from tests.conftest import two_images_40_classes
 
 
 def test_chunk_spans_never_span_images_and_cut_each_image_alike_in_every_batch():
@@ -27,19 +28,11 @@ def test_regroup_keeps_order_and_regroups_to_the_given_sizes():
     assert chunks == [None, None, None]  # consumed: each input chunk is released once read
 
 
-def _two_images_40_classes(model, reference, cer_cases) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The decoder's inputs (cost volume, appearance features) for two fixture images and 40 classes."""
-    with torch.no_grad():
-        features = model.dense_features([reference["images"][0], reference["images"][1]])
-        cost = sed_model.cost_volume(features["clip_vis_dense"], cer_cases["text_features"][:40])
-    return cost, (features["res4"], features["res3"], features["res2"])
-
-
 @pytest.mark.parametrize("top_k", [None, 1])
 def test_chunk_size_does_not_change_the_outputs(tiny_pooling2, reference, cer_cases, top_k):
     # 40 classes x 2 images: chunks of 7 rows cut through images and through kept sets.
     model = tiny_pooling2
-    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
+    cost, appearance = two_images_40_classes(model, reference, cer_cases)
     with torch.no_grad():
         one_chunk = model.decoder(cost, appearance, model.pooling, top_k, chunk_rows=10_000)
         for chunk_rows in (3, 7):
@@ -72,7 +65,7 @@ def test_chunk_stores_carve_whole_chunks_out_of_large_stores(monkeypatch):
 
 def test_inference_stores_do_not_change_the_outputs(tiny_pooling2, reference, cer_cases, monkeypatch):
     model = tiny_pooling2
-    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
+    cost, appearance = two_images_40_classes(model, reference, cer_cases)
     with torch.no_grad():
         one_store = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
         monkeypatch.setattr(decoder_module, "STORE_BYTES", 1)  # a store per chunk
@@ -86,7 +79,7 @@ def test_inference_buffers_give_the_outputs_of_the_plain_path(model_name, reques
     """Stores, the shared concatenation buffer (chunks of 7 rows: the last of each image is shorter)
     and the in-place blocks of inference against the grad-enabled path, which uses none of them."""
     model = request.getfixturevalue(model_name)
-    cost, appearance = _two_images_40_classes(model, reference, cer_cases)
+    cost, appearance = two_images_40_classes(model, reference, cer_cases)
     with torch.no_grad():
         inference = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
     plain = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)

@@ -35,7 +35,7 @@ def test_dense_features(tiny_pooling2, reference, index):
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_eval_logits_and_probs(tiny_pooling2, reference, index):
+def test_eval_logits_and_probs(tiny_pooling2, reference, index, cpu_kernel_route):
     image, text = reference["images"][index], reference["text_features"]
     with torch.no_grad():
         logits = tiny_pooling2.forward_logits(image[None], text)
@@ -46,7 +46,7 @@ def test_eval_logits_and_probs(tiny_pooling2, reference, index):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("index", [0, 1])
-def test_early_rejection_probs(tiny_pooling2, reference, index, top_k):
+def test_early_rejection_probs(tiny_pooling2, reference, index, top_k, cpu_kernel_route):
     probs = tiny_pooling2.predict(reference["images"][index], reference["text_features"], top_k=top_k)
     assert_close(probs, reference[f"cer_top{top_k}_probs"][index])
 
@@ -62,7 +62,7 @@ def check_cer_case(model, images, text, case):
     assert torch.count_nonzero(prediction.probs[rejected]) == 0
 
 
-def test_cer_cases_reject_after_every_head(tiny_pooling2, reference, cer_cases):
+def test_cer_cases_reject_after_every_head(tiny_pooling2, reference, cer_cases, cpu_kernel_route):
     stages_that_drop = set()
     for case in cer_cases["cases"]:
         check_cer_case(tiny_pooling2, reference["images"], cer_cases["text_features"], case)
@@ -94,7 +94,7 @@ class TestEvaluationProtocol:
         assert sed_model.SEDConfig().eval_pooling == 1 and sed_model.SEDConfig().train_pooling == 2
 
     @pytest.mark.parametrize("index", [0, 1])
-    def test_eval_and_early_rejection_probs(self, tiny_pooling1, reference, eval_protocol, index):
+    def test_eval_and_early_rejection_probs(self, tiny_pooling1, reference, eval_protocol, index, cpu_kernel_route):
         image, text = reference["images"][index], reference["text_features"]
         assert_close(tiny_pooling1.predict(image, text), eval_protocol["eval_probs"][index])
         assert_close(tiny_pooling1.predict(image, text, top_k=1), eval_protocol["cer_top1_probs"][index])
@@ -114,6 +114,6 @@ class TestEvaluationProtocol:
         prediction = predictor.predict(reference["images"][index])
         assert_close(prediction.probs, eval_protocol["protocol_probs"][index])
 
-    def test_wide_cases(self, tiny_pooling1, reference, cer_cases, eval_protocol):
+    def test_wide_cases(self, tiny_pooling1, reference, cer_cases, eval_protocol, cpu_kernel_route):
         for case in eval_protocol["wide_cases"]:
             check_cer_case(tiny_pooling1, reference["images"], cer_cases["text_features"], case)

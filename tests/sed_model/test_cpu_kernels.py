@@ -1,0 +1,120 @@
+"""The fused CPU kernels (`sed_model/cpu_kernels.py`) against the PyTorch operators they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sed_model import cpu_kernels
+from sed_model.decoder import group_norm_relu
+from sed_model.layout import channels_last
+from tests.conftest import require_cpu_kernels, two_images_40_classes
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    require_cpu_kernels()
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x.double()) + 1
+
+
+@pytest.mark.parametrize("d", [8, 16, 32, 12])  # 8/16/32: the vector kernels SED's stages use; 12: the generic one
+@pytest.mark.parametrize("rows", [1, 7])
+def test_class_sums_accumulate_phi_k_v_per_head(d, rows):
+    torch.manual_seed(d)
+    heads = 101  # positions x heads, not a multiple of the kernels' blocks
+    k, v = torch.randn(rows, heads, d) * 3, torch.randn(rows, heads, d)
+    kv, k_sum = torch.randn(heads, d, d), torch.randn(heads, d)  # earlier chunks' sums
+    expected_kv = kv.double() + torch.einsum("nld,nle->lde", _phi(k), v.double())
+    expected_k_sum = k_sum.double() + _phi(k).sum(0)
+    cpu_kernels.linear_attention_sums_(k, v, kv, k_sum)
+    torch.testing.assert_close(kv.double(), expected_kv, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(k_sum.double(), expected_k_sum, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [8, 16, 32, 12])
+def test_attention_applies_the_sums_and_adds_the_residual(d):
+    torch.manual_seed(d)
+    rows, heads = 5, 77
+    q, residual = torch.randn(rows, heads, d) * 3, torch.randn(rows, heads, d)
+    kv, k_sum = torch.rand(heads, d, d) * 4, torch.rand(heads, d) * 4
+    phi = _phi(q)
+    expected = residual.double() + torch.einsum("nld,lde->nle", phi, kv.double()) / (
+        torch.einsum("nld,ld->nl", phi, k_sum.double())[..., None] + 1e-6
+    )
+    out = cpu_kernels.linear_attention(q, kv, k_sum, residual, 1e-6)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_map_over_the_whole_float_range():
+    """elu + 1 through the kernels' own exp: exact above 0, about 1 ulp below, and 0 (not NaN or
+    garbage) far below, where float32's exp underflows."""
+    x = torch.cat([torch.linspace(-120, 30, 7992), torch.tensor([-1e30, -88.7, -87.5, -1e-30, 0.0, 1e-30, 1e30, 3e38])])
+    k = x.view(1, -1, 8)
+    kv, k_sum = torch.zeros(k.shape[1], 8, 8), torch.zeros(k.shape[1], 8)
+    cpu_kernels.linear_attention_sums_(k, torch.ones_like(k), kv, k_sum)
+    x = x.double()
+    # elu(x) + 1 is exp(x) below 0; computed as expm1(x) + 1 it cancels to 0 (float32 below -17).
+    phi, expected = k_sum.flatten().double(), torch.where(x > 0, x + 1, torch.exp(x))
+    assert torch.isfinite(phi).all()
+    torch.testing.assert_close(phi, expected, rtol=3e-7, atol=2e-38)
+
+
+@pytest.mark.parametrize("channels, groups", [(16, 1), (64, 4), (48, 3)])
+@pytest.mark.parametrize("with_add", [True, False])
+def test_group_norm_relu(channels, groups, with_add):
+    torch.manual_seed(channels)
+    norm = torch.nn.GroupNorm(groups, channels)
+    with torch.no_grad():
+        norm.weight.uniform_(-1.5, 1.5)
+        norm.bias.normal_()
+    x = channels_last(torch.randn(3, channels, 13, 11) * 4 + 2)
+    add = channels_last(torch.randn(1, channels, 13, 11)) if with_add else None
+    with torch.no_grad():
+        expected = F.relu(norm(x if add is None else x + add))
+        out = cpu_kernels.group_norm_relu(x, norm, add, torch.empty_like(x))
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+        assert cpu_kernels.group_norm_relu(x, norm, add, x) is x  # in place
+        torch.testing.assert_close(x, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_group_norm_relu_takes_the_kernel_only_for_channels_last_maps():
+    norm = torch.nn.GroupNorm(2, 32)
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        expected = F.relu(norm(x))
+        torch.testing.assert_close(group_norm_relu(x.clone(), norm), expected)  # NCHW: PyTorch's operators
+        torch.testing.assert_close(group_norm_relu(channels_last(x), norm), expected, atol=2e-6, rtol=1e-5)
+        with pytest.raises(RuntimeError):  # the kernel itself never writes into a copy of an NCHW map
+            cpu_kernels.group_norm_relu(x, norm, None, x)
+
+
+def test_bad_shapes_are_refused_with_the_input_named():
+    with pytest.raises(RuntimeError, match="kv: expected"):
+        cpu_kernels.linear_attention_sums_(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.zeros(5, 8, 4), torch.zeros(5, 8))
+    with pytest.raises(RuntimeError, match="residual: expected"):
+        cpu_kernels.linear_attention(torch.randn(2, 5, 8), torch.zeros(5, 8, 8), torch.zeros(5, 8), torch.randn(2, 4, 8), 1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_pooling1", "tiny_pooling2"])
+def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, reference, cer_cases, monkeypatch):
+    """Two images, 40 classes, chunks of 7 rows, early rejection: both routes agree, and the kernels ran."""
+    model = request.getfixturevalue(model_name)
+    cost, appearance = two_images_40_classes(model, reference, cer_cases)
+    calls = []
+    for name in ("linear_attention_sums_", "linear_attention", "group_norm_relu"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name) or _kernel(*args))
+    with torch.no_grad():
+        fused = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+        assert set(calls) == {"linear_attention_sums_", "linear_attention", "group_norm_relu"}
+        calls.clear()
+        with cpu_kernels.disabled():
+            operators = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
+        assert calls == []
+    for a, b in zip(fused, operators):
+        assert a.rows.class_index.tolist() == b.rows.class_index.tolist()
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
