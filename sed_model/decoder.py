@@ -123,6 +123,8 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
         y = channel_norm(self.dwconv(x), self.norm)
+        if cpu_kernels.mlp_usable(y, self.pwconv1, self.pwconv2) and x.is_contiguous(memory_format=torch.channels_last):
+            return cpu_kernels.pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2, residual=x, scale=self.gamma, out=x if inplace else None)
         y = pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2)
         return torch.addcmul(x, self.gamma[:, None, None], y, out=x if inplace else None)
 
@@ -234,7 +236,11 @@ class ClassAttention(nn.Module):
         """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`."""
         y = self._pool(x, pooling)
         y = self.attention(channel_norm(y, self.norm1), kv, k_sum, residual=y)
-        y = y + pointwise_mlp(channel_norm(y, self.norm2), self.MLP[0], "relu", self.MLP[2])
+        z = channel_norm(y, self.norm2)
+        if cpu_kernels.mlp_usable(z, self.MLP[0], self.MLP[2]) and y.is_contiguous(memory_format=torch.channels_last):
+            y = cpu_kernels.pointwise_mlp(z, self.MLP[0], "relu", self.MLP[2], residual=y, out=y)
+        else:
+            y = y + pointwise_mlp(z, self.MLP[0], "relu", self.MLP[2])
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         # The paper adds the whole pooled result (not only the attention update) back to x.

@@ -92,11 +92,77 @@ def test_group_norm_relu_takes_the_kernel_only_for_channels_last_maps():
             cpu_kernels.group_norm_relu(x, norm, None, x)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("channels, positions", [(32, (7, 9)), (64, (5, 5)), (16, (1, 1))])  # 63, 25, 1 rows: partial tiles
+def test_mlp_with_residual_and_scale(activation, channels, positions):
+    torch.manual_seed(channels)
+    fc1, fc2 = torch.nn.Linear(channels, 4 * channels), torch.nn.Linear(4 * channels, channels)
+    x = channels_last(torch.randn(3, channels, *positions) * 2)
+    residual, scale = channels_last(torch.randn_like(x)), torch.randn(channels)
+    act = F.gelu if activation == "gelu" else F.relu
+    with torch.no_grad():
+        mlp = fc2(act(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        assert cpu_kernels.mlp_usable(x, fc1, fc2)
+        torch.testing.assert_close(cpu_kernels.pointwise_mlp(x, fc1, activation, fc2), mlp, atol=3e-6, rtol=1e-5)
+        out = cpu_kernels.pointwise_mlp(x, fc1, activation, fc2, residual=residual, scale=scale)
+        torch.testing.assert_close(out, residual + scale[:, None, None] * mlp, atol=3e-6, rtol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        expected = residual + mlp
+        assert cpu_kernels.pointwise_mlp(x, fc1, activation, fc2, residual=residual, out=residual) is residual  # in place
+        torch.testing.assert_close(residual, expected, atol=3e-6, rtol=1e-5)
+
+
+def test_gelu_is_exact_gelu_over_the_float_range():
+    fc1, fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    with torch.no_grad():  # identities, so the kernel's output is gelu(x) itself
+        fc1.weight.copy_(torch.eye(16)), fc1.bias.zero_(), fc2.weight.copy_(torch.eye(16)), fc2.bias.zero_()
+        x = torch.cat([torch.linspace(-12, 12, 16 * 999), torch.tensor([-1e30, -3e38, 1e30, 3e38] * 4)])
+        maps = channels_last(x.view(-1, 1, 1, 16).permute(0, 3, 1, 2))
+        out = cpu_kernels.pointwise_mlp(maps, fc1, "gelu", fc2).permute(0, 2, 3, 1).flatten().double()
+    exact = F.gelu(x.double())
+    torch.testing.assert_close(out, exact, atol=2e-6, rtol=1e-6)
+
+
+def test_mlp_kernel_follows_in_place_weight_updates():
+    fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+    x = channels_last(torch.randn(2, 16, 3, 3))
+    with torch.no_grad():
+        before = cpu_kernels.pointwise_mlp(x, fc1, "relu", fc2)
+        fc1.weight.mul_(2)  # an optimiser step or a loaded checkpoint
+        after = cpu_kernels.pointwise_mlp(x, fc1, "relu", fc2)
+        expected = fc2(F.relu(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=3e-6, rtol=1e-5)
+
+
+def test_mlp_kernel_takes_only_the_narrow_channels_last_layers():
+    narrow = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+    wide = torch.nn.Linear(128, 512), torch.nn.Linear(512, 128)
+    odd = torch.nn.Linear(24, 72), torch.nn.Linear(72, 24)
+    x = channels_last(torch.randn(1, 64, 4, 4))
+    with torch.no_grad():
+        assert cpu_kernels.mlp_usable(x, *narrow)
+        assert not cpu_kernels.mlp_usable(x.contiguous(), *narrow)  # NCHW
+        assert not cpu_kernels.mlp_usable(channels_last(torch.randn(1, 128, 4, 4)), *wide)
+        assert not cpu_kernels.mlp_usable(channels_last(torch.randn(1, 24, 4, 4)), *odd)
+        with cpu_kernels.disabled():
+            assert not cpu_kernels.mlp_usable(x, *narrow)
+    assert not cpu_kernels.mlp_usable(x, *narrow)  # grad mode: training keeps PyTorch's operators
+
+
 def test_bad_shapes_are_refused_with_the_input_named():
     with pytest.raises(RuntimeError, match="kv: expected"):
         cpu_kernels.linear_attention_sums_(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.zeros(5, 8, 4), torch.zeros(5, 8))
     with pytest.raises(RuntimeError, match="residual: expected"):
         cpu_kernels.linear_attention(torch.randn(2, 5, 8), torch.zeros(5, 8, 8), torch.zeros(5, 8), torch.randn(2, 4, 8), 1e-6)
+    with pytest.raises(RuntimeError, match="w2t: expected"):
+        torch.ops.sed_cpu.pointwise_mlp(
+            torch.randn(4, 16), torch.randn(16, 64), torch.randn(64), torch.randn(32, 16), torch.randn(16), "relu", None, None, torch.empty(4, 16)
+        )
+    with pytest.raises(RuntimeError, match="activation must be gelu or relu"):
+        torch.ops.sed_cpu.pointwise_mlp(
+            torch.randn(4, 16), torch.randn(16, 64), torch.randn(64), torch.randn(64, 16), torch.randn(16), "tanh", None, None, torch.empty(4, 16)
+        )
 
 
 @pytest.mark.parametrize("model_name", ["tiny_pooling1", "tiny_pooling2"])
@@ -105,12 +171,12 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
     model = request.getfixturevalue(model_name)
     cost, appearance = two_images_40_classes(model, reference, cer_cases)
     calls = []
-    for name in ("linear_attention_sums_", "linear_attention", "group_norm_relu"):
+    for name in ("linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp"):
         kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name) or _kernel(*args))
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _kernel=kernel, _name=name, **k: calls.append(_name) or _kernel(*a, **k))
     with torch.no_grad():
         fused = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
-        assert set(calls) == {"linear_attention_sums_", "linear_attention", "group_norm_relu"}
+        assert set(calls) == {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp"}
         calls.clear()
         with cpu_kernels.disabled():
             operators = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
