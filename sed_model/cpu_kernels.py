@@ -142,10 +142,12 @@ def pointwise_mlp(
     residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    norm: nn.LayerNorm | None = None,
 ) -> torch.Tensor:
-    """`residual + scale * fc2(activation(fc1(x)))` over the channel axis of channels-last
-    `(N, C, H, W)` maps (`scale` per channel; `activation` `"gelu"` (exact) or `"relu"`), into `out`
-    (which may be `residual`) or a new map. Check `mlp_usable` first.
+    """`residual + scale * fc2(activation(fc1(norm(x))))` over the channel axis of channels-last
+    `(N, C, H, W)` maps (`scale` per channel; `activation` `"gelu"` (exact) or `"relu"`; `norm` a
+    LayerNorm over the channels, or None), into `out` (which may be `residual`, which may be `x`)
+    or a new map. Check `mlp_usable` first.
     """
     n, channels, height, width = x.shape
     if out is None:
@@ -156,6 +158,9 @@ def pointwise_mlp(
 
     torch.ops.sed_cpu.pointwise_mlp(
         rows(x),
+        None if norm is None else norm.weight,
+        None if norm is None else norm.bias,
+        1e-5 if norm is None else norm.eps,
         _transposed(fc1),
         fc1.bias,
         _transposed(fc2),
@@ -177,3 +182,26 @@ def _transposed(layer: nn.Linear) -> torch.Tensor:
         if key is not None:
             _transposed_weights[layer] = cached
     return cached[1]
+
+
+def head_usable(x: torch.Tensor, head: nn.Conv2d) -> bool:
+    """Whether `single_channel_conv3x3` applies: `usable`, a channels-last map, a 3x3 convolution
+    to one channel with padding 1 (stride 1, a bias), and a multiple of 8 input channels."""
+    return (
+        head.out_channels == 1
+        and head.kernel_size == (3, 3)
+        and head.padding == (1, 1)
+        and head.stride == (1, 1)
+        and head.dilation == (1, 1)
+        and head.groups == 1
+        and head.bias is not None
+        and head.in_channels % 8 == 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and usable(x, head.weight)
+    )
+
+
+def single_channel_conv3x3(x: torch.Tensor, head: nn.Conv2d) -> torch.Tensor:
+    """`head(x)` for a head `head_usable` accepts: `(N, 1, H, W)`."""
+    weight = head.weight[0].permute(1, 2, 0).contiguous()  # (3, 3, C)
+    return torch.ops.sed_cpu.single_channel_conv3x3(x.permute(0, 2, 3, 1), weight, head.bias)

@@ -122,10 +122,11 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
-        y = channel_norm(self.dwconv(x), self.norm)
+        y = self.dwconv(x)
         if cpu_kernels.mlp_usable(y, self.pwconv1, self.pwconv2) and x.is_contiguous(memory_format=torch.channels_last):
-            return cpu_kernels.pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2, residual=x, scale=self.gamma, out=x if inplace else None)
-        y = pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2)
+            out = x if inplace else None
+            return cpu_kernels.pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2, residual=x, scale=self.gamma, out=out, norm=self.norm)
+        y = pointwise_mlp(channel_norm(y, self.norm), self.pwconv1, "gelu", self.pwconv2)
         return torch.addcmul(x, self.gamma[:, None, None], y, out=x if inplace else None)
 
 
@@ -236,11 +237,10 @@ class ClassAttention(nn.Module):
         """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`."""
         y = self._pool(x, pooling)
         y = self.attention(channel_norm(y, self.norm1), kv, k_sum, residual=y)
-        z = channel_norm(y, self.norm2)
-        if cpu_kernels.mlp_usable(z, self.MLP[0], self.MLP[2]) and y.is_contiguous(memory_format=torch.channels_last):
-            y = cpu_kernels.pointwise_mlp(z, self.MLP[0], "relu", self.MLP[2], residual=y, out=y)
+        if cpu_kernels.mlp_usable(y, self.MLP[0], self.MLP[2]):
+            y = cpu_kernels.pointwise_mlp(y, self.MLP[0], "relu", self.MLP[2], residual=y, out=y, norm=self.norm2)
         else:
-            y = y + pointwise_mlp(z, self.MLP[0], "relu", self.MLP[2])
+            y = y + pointwise_mlp(channel_norm(y, self.norm2), self.MLP[0], "relu", self.MLP[2])
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         # The paper adds the whole pooled result (not only the attention update) back to x.
@@ -406,7 +406,7 @@ class SEDDecoder(nn.Module):
 
         spans = rows.chunk_spans(chunk_rows)
         chunks = self._embed_cost(cost, rows, spans)
-        stage_logits = [StageLogits(torch.cat([self.head0(x.detach()) for x in chunks]).squeeze(1), rows)]
+        stage_logits = [StageLogits(torch.cat([_head(self.head0, x.detach()) for x in chunks]).squeeze(1), rows)]
         stages = (self.decoder1, self.decoder2, self.decoder3)
         heads = (self.head1, self.head2, self.head)
         for level, (stage, head) in enumerate(zip(stages, heads)):
@@ -462,7 +462,7 @@ class SEDDecoder(nn.Module):
             correlation = self._correlation(cost, rows, first, end, level)
             out = None if stores is None else stores[i]
             y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out, fusion_input=fusion_input)
-            logits.append(head(y if last else y.detach()).squeeze(1))
+            logits.append(_head(head, y if last else y.detach()).squeeze(1))
             if not last:
                 outputs.append(y)
         return outputs, torch.cat(logits)
@@ -501,6 +501,11 @@ class SEDDecoder(nn.Module):
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
         return x
+
+
+def _head(head: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A head's logits `(n, 1, h, w)`; in CPU float32 inference through a kernel for one output channel."""
+    return cpu_kernels.single_channel_conv3x3(x, head) if cpu_kernels.head_usable(x, head) else head(x)
 
 
 def _chunk_stores(spans: Sequence[tuple[int, int, int]], row_shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:

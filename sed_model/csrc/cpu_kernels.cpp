@@ -397,7 +397,21 @@ void for_micro_rows(int64_t rows, Body&& body) {
   }
 }
 
-void pointwise_mlp(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor& b1, const at::Tensor& w2t, const at::Tensor& b2,
+// LayerNorm over each of `rows` rows of `k_len` values (PyTorch's: biased variance, eps inside the root).
+void layer_norm_rows(const float* x, int64_t rows, int64_t k_len, const float* weight, const float* bias, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = x + r * k_len;
+    float mean = 0.0f, variance = 0.0f;
+    for (int64_t k = 0; k < k_len; ++k) mean += in[k];
+    mean /= static_cast<float>(k_len);
+    for (int64_t k = 0; k < k_len; ++k) variance += (in[k] - mean) * (in[k] - mean);
+    const float rstd = 1.0f / std::sqrt(variance / static_cast<float>(k_len) + eps);
+    for (int64_t k = 0; k < k_len; ++k) out[r * k_len + k] = (in[k] - mean) * rstd * weight[k] + bias[k];
+  }
+}
+
+void pointwise_mlp(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                   double norm_eps, const at::Tensor& w1t, const at::Tensor& b1, const at::Tensor& w2t, const at::Tensor& b2,
                    const std::string& activation, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& scale,
                    at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
@@ -428,17 +442,34 @@ void pointwise_mlp(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor&
                 "scale: expected ", channels, " float32 values");
     sp = scale->data_ptr<float>();
   }
+  const float *nwp = nullptr, *nbp = nullptr;
+  if (norm_weight.has_value() && norm_weight->defined()) {
+    TORCH_CHECK(norm_bias.has_value() && norm_bias->defined() && norm_weight->numel() == k_len && norm_bias->numel() == k_len &&
+                    norm_weight->is_contiguous() && norm_bias->is_contiguous() && norm_weight->scalar_type() == at::kFloat &&
+                    norm_bias->scalar_type() == at::kFloat,
+                "norm: expected a weight and a bias of ", k_len, " float32 values");
+    nwp = norm_weight->data_ptr<float>();
+    nbp = norm_bias->data_ptr<float>();
+  }
   const bool use_gelu = activation == "gelu";
+  const float eps = static_cast<float>(norm_eps);
   const float *xp = x.data_ptr<float>(), *w1p = w1t.data_ptr<float>(), *b1p = b1.data_ptr<float>();
   const float *w2p = w2t.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(kTileRows * hidden);
+    std::vector<float> h(kTileRows * hidden), normed(nwp ? kTileRows * k_len : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * kTileRows, count = std::min(kTileRows, rows - first);
+      // The tile's inputs, normalised first if asked: read before any of its rows is written (`out`
+      // may be `residual`, which may be `x`).
+      const float* input = xp + first * k_len;
+      if (nwp) {
+        layer_norm_rows(input, count, k_len, nwp, nbp, eps, normed.data());
+        input = normed.data();
+      }
       for_micro_rows(count, [&](auto mr, int64_t r) {
-        hidden_rows<decltype(mr)::value>(xp + (first + r) * k_len, k_len, w1p, b1p, hidden, h.data() + r * hidden, use_gelu);
+        hidden_rows<decltype(mr)::value>(input + r * k_len, k_len, w1p, b1p, hidden, h.data() + r * hidden, use_gelu);
       });
       for_micro_rows(count, [&](auto mr, int64_t r) {
         const int64_t at = (first + r) * channels;
@@ -448,6 +479,44 @@ void pointwise_mlp(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor&
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The heads: a 3x3 convolution (padding 1) from C channels to one, on channels-last maps viewed as
+// (N, H, W, C). oneDNN has no fast kernel for a single output channel (measured: 2-5 GB/s here).
+at::Tensor single_channel_conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
+  const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  TORCH_CHECK(channels % 8 == 0, "single_channel_conv3x3: channels must be a multiple of 8, got ", channels);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 3 && weight.size(1) == 3 && weight.size(2) == channels && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "weight: expected (3, 3, ", channels, "), got ", weight.sizes());
+  TORCH_CHECK(bias.numel() == 1 && bias.scalar_type() == at::kFloat, "bias: expected one float32 value");
+  at::Tensor out = at::empty({n_rows, 1, height, width}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float b = bias.data_ptr<float>()[0];
+  float* op = out.data_ptr<float>();
+  const int64_t vectors = channels / 8;
+  at::parallel_for(0, n_rows * height, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / height, y = row % height;
+      for (int64_t x0 = 0; x0 < width; ++x0) {
+        v8f acc = splat(0.0f);
+        for (int dy = -1; dy <= 1; ++dy) {
+          if (y + dy < 0 || y + dy >= height) continue;
+          for (int dx = -1; dx <= 1; ++dx) {
+            if (x0 + dx < 0 || x0 + dx >= width) continue;
+            const float* in = xp + ((n * height + y + dy) * width + x0 + dx) * channels;
+            const float* w = wp + ((dy + 1) * 3 + dx + 1) * channels;
+            for (int64_t v = 0; v < vectors; ++v) acc += load8(in + 8 * v) * load8(w + 8 * v);
+          }
+        }
+        op[row * width + x0] = hsum(acc) + b;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sed_cpu, m) {
@@ -455,8 +524,9 @@ TORCH_LIBRARY(sed_cpu, m) {
   m.def("linear_attention(Tensor q, Tensor kv, Tensor k_sum, Tensor residual, float eps) -> Tensor");
   m.def("group_norm_relu(Tensor x, Tensor? add, int groups, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> ()");
   m.def(
-      "pointwise_mlp(Tensor x, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, str activation, Tensor? residual, Tensor? scale, "
-      "Tensor(a!) out) -> ()");
+      "pointwise_mlp(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, "
+      "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
+  m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
@@ -464,4 +534,5 @@ TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
   m.impl("linear_attention", &linear_attention);
   m.impl("group_norm_relu", &group_norm_relu);
   m.impl("pointwise_mlp", &pointwise_mlp);
+  m.impl("single_channel_conv3x3", &single_channel_conv3x3);
 }

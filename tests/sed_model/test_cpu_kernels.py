@@ -112,6 +112,33 @@ def test_mlp_with_residual_and_scale(activation, channels, positions):
         torch.testing.assert_close(residual, expected, atol=3e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_mlp_with_its_layer_norm_in_place(activation):
+    """The LayerNorm before the MLP inside the kernel, written over its own input (`ClassAttention`)."""
+    torch.manual_seed(1)
+    fc1, fc2, norm = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32), torch.nn.LayerNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+        y = channels_last(torch.randn(2, 32, 11, 7) * 3 + 1)
+        act = F.gelu if activation == "gelu" else F.relu
+        expected = y + fc2(act(fc1(norm(y.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        assert cpu_kernels.pointwise_mlp(y, fc1, activation, fc2, residual=y, out=y, norm=norm) is y
+    torch.testing.assert_close(y, expected, atol=5e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels, size", [(16, (9, 7)), (64, (1, 2)), (128, (2, 5))])
+def test_single_channel_head(channels, size):
+    torch.manual_seed(channels)
+    head = torch.nn.Conv2d(channels, 1, 3, padding=1)
+    x = channels_last(torch.randn(3, channels, *size))
+    with torch.no_grad():
+        assert cpu_kernels.head_usable(x, head)
+        torch.testing.assert_close(cpu_kernels.single_channel_conv3x3(x, head), head(x), atol=2e-6, rtol=1e-5)
+        assert not cpu_kernels.head_usable(x.contiguous(), head)  # NCHW
+        assert not cpu_kernels.head_usable(x, torch.nn.Conv2d(channels, 2, 3, padding=1))
+        assert not cpu_kernels.head_usable(x, torch.nn.Conv2d(channels, 1, 3, padding=0))
+
+
 def test_gelu_is_exact_gelu_over_the_float_range():
     fc1, fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
     with torch.no_grad():  # identities, so the kernel's output is gelu(x) itself
@@ -155,14 +182,15 @@ def test_bad_shapes_are_refused_with_the_input_named():
         cpu_kernels.linear_attention_sums_(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.zeros(5, 8, 4), torch.zeros(5, 8))
     with pytest.raises(RuntimeError, match="residual: expected"):
         cpu_kernels.linear_attention(torch.randn(2, 5, 8), torch.zeros(5, 8, 8), torch.zeros(5, 8), torch.randn(2, 4, 8), 1e-6)
+    x, b1, b2, out = torch.randn(4, 16), torch.randn(64), torch.randn(16), torch.empty(4, 16)
     with pytest.raises(RuntimeError, match="w2t: expected"):
-        torch.ops.sed_cpu.pointwise_mlp(
-            torch.randn(4, 16), torch.randn(16, 64), torch.randn(64), torch.randn(32, 16), torch.randn(16), "relu", None, None, torch.empty(4, 16)
-        )
+        torch.ops.sed_cpu.pointwise_mlp(x, None, None, 1e-5, torch.randn(16, 64), b1, torch.randn(32, 16), b2, "relu", None, None, out)
     with pytest.raises(RuntimeError, match="activation must be gelu or relu"):
-        torch.ops.sed_cpu.pointwise_mlp(
-            torch.randn(4, 16), torch.randn(16, 64), torch.randn(64), torch.randn(64, 16), torch.randn(16), "tanh", None, None, torch.empty(4, 16)
-        )
+        torch.ops.sed_cpu.pointwise_mlp(x, None, None, 1e-5, torch.randn(16, 64), b1, torch.randn(64, 16), b2, "tanh", None, None, out)
+    with pytest.raises(RuntimeError, match="norm: expected"):
+        torch.ops.sed_cpu.pointwise_mlp(x, torch.ones(8), torch.ones(8), 1e-5, torch.randn(16, 64), b1, torch.randn(64, 16), b2, "relu", None, None, out)
+    with pytest.raises(RuntimeError, match="weight: expected"):
+        torch.ops.sed_cpu.single_channel_conv3x3(torch.randn(1, 4, 4, 16), torch.randn(3, 3, 8), torch.randn(1))
 
 
 @pytest.mark.parametrize("model_name", ["tiny_pooling1", "tiny_pooling2"])
@@ -171,12 +199,13 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
     model = request.getfixturevalue(model_name)
     cost, appearance = two_images_40_classes(model, reference, cer_cases)
     calls = []
-    for name in ("linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp"):
+    kernels = {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp", "single_channel_conv3x3"}
+    for name in kernels:
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _kernel=kernel, _name=name, **k: calls.append(_name) or _kernel(*a, **k))
     with torch.no_grad():
         fused = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
-        assert set(calls) == {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp"}
+        assert set(calls) == kernels
         calls.clear()
         with cpu_kernels.disabled():
             operators = model.decoder(cost, appearance, model.pooling, 1, chunk_rows=7)
