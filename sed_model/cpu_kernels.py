@@ -205,3 +205,40 @@ def single_channel_conv3x3(x: torch.Tensor, head: nn.Conv2d) -> torch.Tensor:
     """`head(x)` for a head `head_usable` accepts: `(N, 1, H, W)`."""
     weight = head.weight[0].permute(1, 2, 0).contiguous()  # (3, 3, C)
     return torch.ops.sed_cpu.single_channel_conv3x3(x.permute(0, 2, 3, 1), weight, head.bias)
+
+
+def transposed_conv2x2_usable(x: torch.Tensor, up: nn.ConvTranspose2d) -> bool:
+    """Whether `transposed_conv2x2_into` applies: `usable`, a channels-last map, a 2x2 transposed
+    convolution with stride 2 (no padding, groups or dilation; a bias) to a multiple of 4 channels."""
+    return (
+        up.kernel_size == (2, 2)
+        and up.stride == (2, 2)
+        and up.padding == (0, 0)
+        and up.output_padding == (0, 0)
+        and up.dilation == (1, 1)
+        and up.groups == 1
+        and up.bias is not None
+        and up.out_channels % 4 == 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and usable(x, up.weight)
+    )
+
+
+def transposed_conv2x2_into(x: torch.Tensor, up: nn.ConvTranspose2d, out: torch.Tensor, offset: int, relu: bool) -> None:
+    """`up(x)` (then ReLU if `relu`) written into channels `offset:offset + up.out_channels` of the
+    channels-last map `out` `(N, C, 2H, 2W)`; the other channels are left as they are."""
+    weight, bias = _transposed_conv_weight(up)
+    torch.ops.sed_cpu.transposed_conv2x2_into(x.permute(0, 2, 3, 1), weight, bias, relu, out.permute(0, 2, 3, 1), offset)
+
+
+def _transposed_conv_weight(up: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's `(C_in, 2 x 2 x C_out)` weight (columns ordered by output offset, then channel)
+    and the bias repeated to match, made once per weight version."""
+    key = weight_key(up.weight)
+    cached = _transposed_weights.get(up)
+    if key is None or cached is None or cached[0] != key:
+        weight = up.weight.detach().permute(0, 2, 3, 1).reshape(up.in_channels, -1).contiguous()
+        cached = (key, (weight, up.bias.detach().repeat(4)))
+        if key is not None:
+            _transposed_weights[up] = cached
+    return cached[1]

@@ -330,13 +330,19 @@ class UpStage(nn.Module):
         `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term.
         With `out` (inference only), the result is written there; with `fusion_input` (inference
         only, at least as many rows as `x`), the concatenation the fusion conv reads is built there.
+        `correlation` None means `fusion_input` holds the rows' correlation guidance already, after
+        the up-sampled channels, which a CPU kernel then writes in front of it (no concatenation).
         """
-        x = self.up(self.attention(x, kv, k_sum, pooling))
+        x = self.attention(x, kv, k_sum, pooling)
         conv = self.conv.double_conv[0]
-        c_up = x.shape[1]
+        c_up = self.up.out_channels
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
-        parts = [x, correlation]
-        concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
+        if correlation is None:
+            concatenated = fusion_input[: x.shape[0]]
+            cpu_kernels.transposed_conv2x2_into(channels_last(x), self.up, concatenated, 0, relu=False)
+        else:
+            parts = [self.up(x), correlation]
+            concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
         fused = F.conv2d(concatenated, per_class_weight, padding=conv.padding)
         norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
         y = conv2(group_norm_relu(fused, norm1, add=appearance_term))
@@ -459,7 +465,13 @@ class SEDDecoder(nn.Module):
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
-            correlation = self._correlation(cost, rows, first, end, level)
+            # In CPU float32 inference the up-sampled map is written straight into the fusion conv's
+            # input (`cpu_kernels.transposed_conv2x2_into`), behind the correlation guidance.
+            if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, stage.up):
+                self._correlation(cost, rows, first, end, level, into=fusion_input[: end - first], offset=stage.up.out_channels)
+                correlation = None
+            else:
+                correlation = self._correlation(cost, rows, first, end, level)
             out = None if stores is None else stores[i]
             y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out, fusion_input=fusion_input)
             logits.append(_head(head, y if last else y.detach()).squeeze(1))
@@ -491,16 +503,22 @@ class SEDDecoder(nn.Module):
         """The cost volume `(n, P, h, w)` of rows `first:end` (NCHW)."""
         return cost[rows.image_index[first:end], rows.class_index[first:end]]
 
-    def _correlation(self, cost: torch.Tensor, rows: Rows, first: int, end: int, level: int) -> torch.Tensor:
+    def _correlation(
+        self, cost: torch.Tensor, rows: Rows, first: int, end: int, level: int, into: torch.Tensor | None = None, offset: int = 0
+    ) -> torch.Tensor | None:
         """Correlation guidance of rows `first:end` for up-stage `level`, chained on the raw cost volume.
 
         Recomputed per stage from the cost volume (about 1% of the decoder's work) rather than held
         for every row between stages, which at the last stage would cost as much memory as its input.
+        With `into`, it is written into that map's channels from `offset` on, and None is returned.
         """
         x = channels_last(self._cost_rows(cost, rows, first, end))
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
-        return x
+        if into is None:
+            return x
+        into[:, offset : offset + x.shape[1]].copy_(x)
+        return None
 
 
 def _head(head: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

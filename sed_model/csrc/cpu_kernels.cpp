@@ -517,6 +517,61 @@ at::Tensor single_channel_conv3x3(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// A 2x2 transposed convolution with stride 2 (optionally + ReLU) written straight into channels
+// [offset, offset + C_out) of a wider channels-last map: the up-stages' up-sampling and correlation
+// guidance land where the fusion convolution reads them, with no concatenation copy. Each input
+// pixel is one row of a product with the (C_in, 2 x 2 x C_out) weight.
+void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool apply_relu, at::Tensor& out,
+                             int64_t offset) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
+  const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), k_len = x.size(3);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == k_len && weight.size(1) % 16 == 0 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "weight: expected (", k_len, ", 4 x C_out) with C_out a multiple of 4, got ", weight.sizes());
+  const int64_t columns = weight.size(1), out_channels = columns / 4;
+  TORCH_CHECK(bias.numel() == columns && bias.is_contiguous() && bias.scalar_type() == at::kFloat, "bias: expected ", columns, " values");
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == n_rows && out.size(1) == 2 * height && out.size(2) == 2 * width && out.scalar_type() == at::kFloat &&
+                  out.stride(3) == 1 && out.stride(2) == out.size(3) && out.stride(1) == out.size(3) * out.size(2) &&
+                  out.stride(0) == out.size(3) * out.size(2) * out.size(1),
+              "out: expected a contiguous (", n_rows, ", ", 2 * height, ", ", 2 * width, ", C) tensor, got ", out.sizes());
+  const int64_t out_width = out.size(3);
+  TORCH_CHECK(offset >= 0 && offset + out_channels <= out_width, "offset: ", out_channels, " channels at ", offset, " do not fit in ", out_width);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_rows * height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> products(kMicroRows * columns);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / height, i = row % height;
+      for (int64_t j0 = 0; j0 < width; j0 += kMicroRows) {
+        const int64_t count = std::min<int64_t>(kMicroRows, width - j0);
+        for_micro_rows(count, [&](auto mr, int64_t r) {
+          constexpr int MR = decltype(mr)::value;
+          for (int64_t c = 0; c < columns; c += 16) {
+            v8f acc[MR][2];
+            micro_16<MR>(xp + (row * width + j0 + r) * k_len, k_len, wp + c, columns, k_len, bp + c, acc);
+            for (int q = 0; q < MR; ++q) {
+              for (int v = 0; v < 2; ++v) store8(products.data() + (r + q) * columns + c + 8 * v, apply_relu ? relu(acc[q][v]) : acc[q][v]);
+            }
+          }
+        });
+        for (int64_t q = 0; q < count; ++q) {
+          for (int a = 0; a < 2; ++a) {
+            for (int b = 0; b < 2; ++b) {
+              float* target = op + ((n * 2 * height + 2 * i + a) * 2 * width + 2 * (j0 + q) + b) * out_width + offset;
+              const float* source = products.data() + q * columns + (a * 2 + b) * out_channels;
+              int64_t c = 0;
+              for (; c + 8 <= out_channels; c += 8) store8(target + c, load8(source + c));
+              for (; c < out_channels; ++c) target[c] = source[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sed_cpu, m) {
@@ -527,6 +582,7 @@ TORCH_LIBRARY(sed_cpu, m) {
       "pointwise_mlp(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, "
       "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out, int offset) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
@@ -535,4 +591,5 @@ TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
   m.impl("group_norm_relu", &group_norm_relu);
   m.impl("pointwise_mlp", &pointwise_mlp);
   m.impl("single_channel_conv3x3", &single_channel_conv3x3);
+  m.impl("transposed_conv2x2_into", &transposed_conv2x2_into);
 }

@@ -139,6 +139,33 @@ def test_single_channel_head(channels, size):
         assert not cpu_kernels.head_usable(x, torch.nn.Conv2d(channels, 1, 3, padding=0))
 
 
+@pytest.mark.parametrize("in_channels, out_channels, offset, relu", [(32, 24, 0, False), (16, 8, 24, True), (64, 4, 3, False)])
+def test_transposed_conv_into_a_wider_map(in_channels, out_channels, offset, relu):
+    torch.manual_seed(out_channels)
+    up = torch.nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    x = channels_last(torch.randn(3, in_channels, 5, 7))
+    out = channels_last(torch.randn(3, offset + out_channels + 5, 10, 14))
+    before = out.clone()
+    with torch.no_grad():
+        expected = up(x).relu() if relu else up(x)
+        assert cpu_kernels.transposed_conv2x2_usable(x, up)
+        cpu_kernels.transposed_conv2x2_into(x, up, out, offset, relu)
+    torch.testing.assert_close(out[:, offset : offset + out_channels], expected, atol=2e-6, rtol=1e-5)
+    untouched = torch.ones(out.shape[1], dtype=torch.bool)
+    untouched[offset : offset + out_channels] = False
+    assert torch.equal(out[:, untouched], before[:, untouched])
+
+
+def test_transposed_conv_kernel_takes_only_what_it_computes():
+    x = channels_last(torch.randn(1, 16, 4, 4))
+    with torch.no_grad():
+        assert not cpu_kernels.transposed_conv2x2_usable(x, torch.nn.ConvTranspose2d(16, 6, 2, stride=2))  # 6: not a multiple of 4
+        assert not cpu_kernels.transposed_conv2x2_usable(x, torch.nn.ConvTranspose2d(16, 8, 3, stride=2))
+        assert not cpu_kernels.transposed_conv2x2_usable(x.contiguous(), torch.nn.ConvTranspose2d(16, 8, 2, stride=2))
+        with pytest.raises(RuntimeError, match="do not fit"):
+            cpu_kernels.transposed_conv2x2_into(x, torch.nn.ConvTranspose2d(16, 8, 2, stride=2), channels_last(torch.empty(1, 10, 8, 8)), 4, False)
+
+
 def test_gelu_is_exact_gelu_over_the_float_range():
     fc1, fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
     with torch.no_grad():  # identities, so the kernel's output is gelu(x) itself
@@ -199,7 +226,7 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
     model = request.getfixturevalue(model_name)
     cost, appearance = two_images_40_classes(model, reference, cer_cases)
     calls = []
-    kernels = {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp", "single_channel_conv3x3"}
+    kernels = {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp", "single_channel_conv3x3", "transposed_conv2x2_into"}
     for name in kernels:
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _kernel=kernel, _name=name, **k: calls.append(_name) or _kernel(*a, **k))
