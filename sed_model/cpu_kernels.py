@@ -242,3 +242,49 @@ def _transposed_conv_weight(up: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch
         if key is not None:
             _transposed_weights[up] = cached
     return cached[1]
+
+
+# Winograd F(2x2, 3x3)'s weight transform G (4 x 3), as the (16 x 9) map of G g G^T's entries.
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_WINOGRAD_WEIGHT_MAP = torch.kron(_WINOGRAD_G, _WINOGRAD_G)
+# The Winograd kernel takes the 3x3 convolutions from this many input channels on: measured on a
+# 2-core AMD EPYC against oneDNN's direct kernel, 1.15-1.5x faster from 32 channels on (all of the
+# decoder's fusion convs, the first two stages' second convs), slower at 16 (the last stage's second).
+WINOGRAD_MIN_CHANNELS = 32
+_winograd_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def winograd_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `winograd_conv3x3` applies: `usable`, a channels-last map of even height and width,
+    a 3x3 weight with at least `WINOGRAD_MIN_CHANNELS` input channels (a multiple of 8) and a
+    multiple of 16 output channels."""
+    out_channels, in_channels, kh, kw = weight.shape
+    return (
+        (kh, kw) == (3, 3)
+        and in_channels >= WINOGRAD_MIN_CHANNELS
+        and in_channels % 8 == 0
+        and out_channels % 16 == 0
+        and x.shape[1] == in_channels
+        and x.shape[-2] % 2 == 0
+        and x.shape[-1] % 2 == 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and usable(x, weight)
+    )
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+    """`F.conv2d(x, weight, padding=1)` (no bias) by Winograd's F(2x2, 3x3); channels-last out.
+
+    With `owner` (the module whose weight `weight` is, or is made from), the transformed weight
+    is kept per weight version instead of being made on each call.
+    """
+    key = None if owner is None else weight_key(owner.weight)
+    cached = None if key is None else _winograd_weights.get(owner)
+    if cached is None or cached[0] != (key, weight.shape):
+        out_channels, in_channels = weight.shape[:2]
+        u = (weight.detach().reshape(-1, 9) @ _WINOGRAD_WEIGHT_MAP.to(weight.device).T).view(out_channels, in_channels, 16)
+        cached = ((key, weight.shape), u.permute(2, 1, 0).contiguous())
+        if key is not None:
+            _winograd_weights[owner] = cached
+    y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), cached[1])
+    return y.permute(0, 3, 1, 2)

@@ -343,9 +343,9 @@ class UpStage(nn.Module):
         else:
             parts = [self.up(x), correlation]
             concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
-        fused = F.conv2d(concatenated, per_class_weight, padding=conv.padding)
+        fused = _conv3x3(concatenated, per_class_weight, conv)
         norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
-        y = conv2(group_norm_relu(fused, norm1, add=appearance_term))
+        y = _conv3x3(group_norm_relu(fused, norm1, add=appearance_term), conv2.weight, conv2)
         return group_norm_relu(y, norm2, out=out)
 
 
@@ -519,6 +519,15 @@ class SEDDecoder(nn.Module):
             return x
         into[:, offset : offset + x.shape[1]].copy_(x)
         return None
+
+
+def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d) -> torch.Tensor:
+    """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it); in
+    CPU float32 inference from 32 channels on, by Winograd's F(2x2, 3x3) (`cpu_kernels`)."""
+    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
+    if plain and cpu_kernels.winograd_usable(x, weight):
+        return cpu_kernels.winograd_conv3x3(x, weight, owner)
+    return F.conv2d(x, weight, padding=owner.padding)
 
 
 def _head(head: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

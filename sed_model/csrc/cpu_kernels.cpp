@@ -572,6 +572,115 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// 3x3 convolutions (padding 1, no bias) by Winograd's F(2x2, 3x3): each 2x2 output tile is
+// A^T [sum_c U_c (.) (B^T d_c B)] A over 4x4 input tiles d_c, with U_c = G g_c G^T the transformed
+// weights (`u`, (16, C_in, C_out), made by the caller). 16 products of (tiles x C_in) by
+// (C_in x C_out) replace the direct convolution's 36 multiplications per tile by 16; the transforms
+// are additions only (and the weights' halves), so rounding stays at float32's level.
+constexpr int kWinogradTiles = kMicroRows;
+
+inline void winograd_input_tile(const float* x, int64_t height, int64_t width, int64_t channels, int64_t n, int64_t top, int64_t left,
+                                float* v, int64_t v_stride) {
+  // v[xi * v_stride + c] for xi = 4 * row + column of B^T d B.
+  const bool inside = top >= 0 && top + 4 <= height && left >= 0 && left + 4 <= width;
+  for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+    v8f d[4][4];
+    if (inside) {
+      const float* corner = x + ((n * height + top) * width + left) * channels + c0;
+      for (int r = 0; r < 4; ++r)
+        for (int q = 0; q < 4; ++q) d[r][q] = load8(corner + (r * width + q) * channels);
+    } else {  // the border: zero padding
+      for (int r = 0; r < 4; ++r) {
+        const int64_t y = top + r;
+        for (int q = 0; q < 4; ++q) {
+          const int64_t xx = left + q;
+          const bool in_map = y >= 0 && y < height && xx >= 0 && xx < width;
+          d[r][q] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
+        }
+      }
+    }
+    v8f t[4][4];
+    for (int q = 0; q < 4; ++q) {
+      t[0][q] = d[0][q] - d[2][q];
+      t[1][q] = d[1][q] + d[2][q];
+      t[2][q] = d[2][q] - d[1][q];
+      t[3][q] = d[1][q] - d[3][q];
+    }
+    for (int r = 0; r < 4; ++r) {
+      store8(v + (4 * r + 0) * v_stride + c0, t[r][0] - t[r][2]);
+      store8(v + (4 * r + 1) * v_stride + c0, t[r][1] + t[r][2]);
+      store8(v + (4 * r + 2) * v_stride + c0, t[r][2] - t[r][1]);
+      store8(v + (4 * r + 3) * v_stride + c0, t[r][1] - t[r][3]);
+    }
+  }
+}
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
+  const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), in_channels = x.size(3);
+  TORCH_CHECK(height % 2 == 0 && width % 2 == 0 && in_channels % 8 == 0, "winograd_conv3x3: even sizes and a multiple of 8 channels expected, got ",
+              x.sizes());
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == in_channels && u.size(2) % 16 == 0 && u.is_contiguous() &&
+                  u.scalar_type() == at::kFloat,
+              "u: expected (16, ", in_channels, ", C_out) with C_out a multiple of 16, got ", u.sizes());
+  const int64_t out_channels = u.size(2);
+  at::Tensor out = at::empty({n_rows, height, width, out_channels}, x.options());
+  const float *xp = x.data_ptr<float>(), *up = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t tile_rows = height / 2, tile_columns = width / 2;
+  const std::vector<float> zeros(out_channels, 0.0f);
+  at::parallel_for(0, n_rows * tile_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(16 * kWinogradTiles * in_channels), m(16 * kWinogradTiles * out_channels);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / tile_rows, ty = row % tile_rows;
+      for (int64_t tx0 = 0; tx0 < tile_columns; tx0 += kWinogradTiles) {
+        const int64_t count = std::min<int64_t>(kWinogradTiles, tile_columns - tx0);
+        // v: (16, tiles, C_in); m: (16, tiles, C_out).
+        for (int64_t q = 0; q < count; ++q) {
+          winograd_input_tile(xp, height, width, in_channels, n, 2 * ty - 1, 2 * (tx0 + q) - 1, v.data() + q * in_channels,
+                              kWinogradTiles * in_channels);
+        }
+        for (int xi = 0; xi < 16; ++xi) {
+          const float* a = v.data() + xi * kWinogradTiles * in_channels;
+          float* mx = m.data() + xi * kWinogradTiles * out_channels;
+          for_micro_rows(count, [&](auto mr, int64_t r) {
+            constexpr int MR = decltype(mr)::value;
+            for (int64_t c = 0; c < out_channels; c += 16) {
+              v8f acc[MR][2];
+              micro_16<MR>(a + r * in_channels, in_channels, up + xi * in_channels * out_channels + c, out_channels, in_channels, zeros.data(),
+                           acc);
+              for (int q = 0; q < MR; ++q) {
+                store8(mx + (r + q) * out_channels + c, acc[q][0]);
+                store8(mx + (r + q) * out_channels + c + 8, acc[q][1]);
+              }
+            }
+          });
+        }
+        // y = A^T m A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+        for (int64_t q = 0; q < count; ++q) {
+          for (int64_t c = 0; c < out_channels; c += 8) {
+            v8f mm[4][4];
+            for (int xi = 0; xi < 16; ++xi) mm[xi / 4][xi % 4] = load8(m.data() + (xi * kWinogradTiles + q) * out_channels + c);
+            v8f t[2][4];
+            for (int k = 0; k < 4; ++k) {
+              t[0][k] = mm[0][k] + mm[1][k] + mm[2][k];
+              t[1][k] = mm[1][k] - mm[2][k] - mm[3][k];
+            }
+            for (int r = 0; r < 2; ++r) {
+              float* target = op + ((n * height + 2 * ty + r) * width + 2 * (tx0 + q)) * out_channels + c;
+              store8(target, t[r][0] + t[r][1] + t[r][2]);
+              store8(target + out_channels, t[r][1] - t[r][2] - t[r][3]);
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sed_cpu, m) {
@@ -582,6 +691,7 @@ TORCH_LIBRARY(sed_cpu, m) {
       "pointwise_mlp(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, "
       "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor u) -> Tensor");
   m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out, int offset) -> ()");
 }
 
@@ -592,4 +702,5 @@ TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
   m.impl("pointwise_mlp", &pointwise_mlp);
   m.impl("single_channel_conv3x3", &single_channel_conv3x3);
   m.impl("transposed_conv2x2_into", &transposed_conv2x2_into);
+  m.impl("winograd_conv3x3", &winograd_conv3x3);
 }

@@ -166,6 +166,42 @@ def test_transposed_conv_kernel_takes_only_what_it_computes():
             cpu_kernels.transposed_conv2x2_into(x, torch.nn.ConvTranspose2d(16, 8, 2, stride=2), channels_last(torch.empty(1, 10, 8, 8)), 4, False)
 
 
+@pytest.mark.parametrize("in_channels, out_channels, size", [(32, 16, (6, 8)), (64, 32, (2, 2)), (128, 64, (10, 4))])
+def test_winograd_conv_is_the_3x3_convolution(in_channels, out_channels, size):
+    """Against float64: Winograd F(2x2, 3x3) is as exact as the direct kernel (zero padding at every border)."""
+    torch.manual_seed(in_channels)
+    x = channels_last(torch.randn(3, in_channels, *size))
+    conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        exact = F.conv2d(x.double(), conv.weight.double(), padding=1)
+        assert cpu_kernels.winograd_usable(x, conv.weight)
+        y = cpu_kernels.winograd_conv3x3(x, conv.weight, conv)
+        direct_error = (conv(x).double() - exact).abs().max()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.double() - exact).abs().max() <= max(2 * direct_error, 1e-6)
+
+
+def test_winograd_weights_follow_in_place_updates_and_the_weight_used():
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    x = channels_last(torch.randn(1, 32, 4, 4))
+    with torch.no_grad():
+        cpu_kernels.winograd_conv3x3(x, conv.weight, conv)
+        conv.weight.mul_(-1)
+        torch.testing.assert_close(cpu_kernels.winograd_conv3x3(x, conv.weight, conv), conv(x), atol=1e-5, rtol=1e-5)
+        part = conv.weight[:16]  # a weight made from the owner's, of another shape
+        torch.testing.assert_close(cpu_kernels.winograd_conv3x3(x, part, conv), F.conv2d(x, part, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_winograd_takes_only_what_it_computes_and_pays_for():
+    x = channels_last(torch.randn(1, 32, 4, 4))
+    with torch.no_grad():
+        assert cpu_kernels.winograd_usable(x, torch.randn(16, 32, 3, 3))
+        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 16, 4, 4)), torch.randn(16, 16, 3, 3))  # few channels
+        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 32, 5, 4)), torch.randn(16, 32, 3, 3))  # odd height
+        assert not cpu_kernels.winograd_usable(x, torch.randn(8, 32, 3, 3))  # 8 outputs
+        assert not cpu_kernels.winograd_usable(x.contiguous(), torch.randn(16, 32, 3, 3))  # NCHW
+
+
 def test_gelu_is_exact_gelu_over_the_float_range():
     fc1, fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
     with torch.no_grad():  # identities, so the kernel's output is gelu(x) itself
@@ -226,7 +262,15 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
     model = request.getfixturevalue(model_name)
     cost, appearance = two_images_40_classes(model, reference, cer_cases)
     calls = []
-    kernels = {"linear_attention_sums_", "linear_attention", "group_norm_relu", "pointwise_mlp", "single_channel_conv3x3", "transposed_conv2x2_into"}
+    kernels = {
+        "linear_attention_sums_",
+        "linear_attention",
+        "group_norm_relu",
+        "pointwise_mlp",
+        "single_channel_conv3x3",
+        "transposed_conv2x2_into",
+        "winograd_conv3x3",
+    }
     for name in kernels:
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _kernel=kernel, _name=name, **k: calls.append(_name) or _kernel(*a, **k))
