@@ -354,31 +354,29 @@ inline void micro_16(const float* a, int64_t lda, const float* b, int64_t ldb, i
   }
 }
 
+// Hidden columns j..j+15 of MR rows.
 template <int MR>
-void hidden_rows(const float* x, int64_t k_len, const float* w1t, const float* b1, int64_t hidden, float* h, bool use_gelu) {
-  for (int64_t j = 0; j < hidden; j += 16) {
-    v8f acc[MR][2];
-    micro_16<MR>(x, k_len, w1t + j, hidden, k_len, b1 + j, acc);
-    for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < 2; ++v) store8(h + r * hidden + j + 8 * v, use_gelu ? gelu(acc[r][v]) : relu(acc[r][v]));
-    }
+void hidden_panel(const float* x, int64_t k_len, const float* w1t, const float* b1, int64_t hidden, int64_t j, float* h, bool use_gelu) {
+  v8f acc[MR][2];
+  micro_16<MR>(x, k_len, w1t + j, hidden, k_len, b1 + j, acc);
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < 2; ++v) store8(h + r * hidden + j + 8 * v, use_gelu ? gelu(acc[r][v]) : relu(acc[r][v]));
   }
 }
 
+// Output columns j..j+15 of MR rows, with the layer scale and the residual.
 template <int MR>
-void output_rows(const float* h, int64_t hidden, const float* w2t, const float* b2, int64_t channels, const float* residual,
-                 const float* scale, float* out) {
-  for (int64_t j = 0; j < channels; j += 16) {
-    v8f acc[MR][2];
-    micro_16<MR>(h, hidden, w2t + j, channels, hidden, b2 + j, acc);
-    for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < 2; ++v) {
-        const int64_t at = r * channels + j + 8 * v;
-        v8f y = acc[r][v];
-        if (scale) y = y * load8(scale + j + 8 * v);
-        if (residual) y = y + load8(residual + at);
-        store8(out + at, y);
-      }
+void output_panel(const float* h, int64_t hidden, const float* w2t, const float* b2, int64_t channels, int64_t j, const float* residual,
+                  const float* scale, float* out) {
+  v8f acc[MR][2];
+  micro_16<MR>(h, hidden, w2t + j, channels, hidden, b2 + j, acc);
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < 2; ++v) {
+      const int64_t at = r * channels + j + 8 * v;
+      v8f y = acc[r][v];
+      if (scale) y = y * load8(scale + j + 8 * v);
+      if (residual) y = y + load8(residual + at);
+      store8(out + at, y);
     }
   }
 }
@@ -468,13 +466,19 @@ void pointwise_mlp(const at::Tensor& x, const std::optional<at::Tensor>& norm_we
         layer_norm_rows(input, count, k_len, nwp, nbp, eps, normed.data());
         input = normed.data();
       }
-      for_micro_rows(count, [&](auto mr, int64_t r) {
-        hidden_rows<decltype(mr)::value>(input + r * k_len, k_len, w1p, b1p, hidden, h.data() + r * hidden, use_gelu);
-      });
-      for_micro_rows(count, [&](auto mr, int64_t r) {
-        const int64_t at = (first + r) * channels;
-        output_rows<decltype(mr)::value>(h.data() + r * hidden, hidden, w2p, b2p, channels, rp ? rp + at : nullptr, sp, op + at);
-      });
+      // Weight panels outside, row blocks inside: each 16-column panel is read from memory once
+      // per tile and stays in L1 while the tile's rows pass.
+      for (int64_t j = 0; j < hidden; j += 16) {
+        for_micro_rows(count, [&](auto mr, int64_t r) {
+          hidden_panel<decltype(mr)::value>(input + r * k_len, k_len, w1p, b1p, hidden, j, h.data() + r * hidden, use_gelu);
+        });
+      }
+      for (int64_t j = 0; j < channels; j += 16) {
+        for_micro_rows(count, [&](auto mr, int64_t r) {
+          const int64_t at = (first + r) * channels;
+          output_panel<decltype(mr)::value>(h.data() + r * hidden, hidden, w2p, b2p, channels, j, rp ? rp + at : nullptr, sp, op + at);
+        });
+      }
     }
   });
 }

@@ -227,13 +227,13 @@ def test_mlp_kernel_follows_in_place_weight_updates():
 
 def test_mlp_kernel_takes_only_the_narrow_channels_last_layers():
     narrow = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
-    wide = torch.nn.Linear(128, 512), torch.nn.Linear(512, 128)
+    wide = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)  # the backbone's
     odd = torch.nn.Linear(24, 72), torch.nn.Linear(72, 24)
     x = channels_last(torch.randn(1, 64, 4, 4))
     with torch.no_grad():
         assert cpu_kernels.mlp_usable(x, *narrow)
         assert not cpu_kernels.mlp_usable(x.contiguous(), *narrow)  # NCHW
-        assert not cpu_kernels.mlp_usable(channels_last(torch.randn(1, 128, 4, 4)), *wide)
+        assert not cpu_kernels.mlp_usable(channels_last(torch.randn(1, 256, 4, 4)), *wide)
         assert not cpu_kernels.mlp_usable(channels_last(torch.randn(1, 24, 4, 4)), *odd)
         with cpu_kernels.disabled():
             assert not cpu_kernels.mlp_usable(x, *narrow)
