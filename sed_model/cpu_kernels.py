@@ -185,17 +185,25 @@ def _transposed(layer: nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
+def _plain_conv(conv: nn.Module, kernel: int, stride: int, padding: int) -> bool:
+    """A (transposed) convolution with this square kernel, stride and padding, no dilation or
+    groups, and a bias."""
+    return (
+        conv.kernel_size == (kernel, kernel)
+        and conv.stride == (stride, stride)
+        and conv.padding == (padding, padding)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is not None
+    )
+
+
 def head_usable(x: torch.Tensor, head: nn.Conv2d) -> bool:
     """Whether `single_channel_conv3x3` applies: `usable`, a channels-last map, a 3x3 convolution
     to one channel with padding 1 (stride 1, a bias), and a multiple of 8 input channels."""
     return (
         head.out_channels == 1
-        and head.kernel_size == (3, 3)
-        and head.padding == (1, 1)
-        and head.stride == (1, 1)
-        and head.dilation == (1, 1)
-        and head.groups == 1
-        and head.bias is not None
+        and _plain_conv(head, kernel=3, stride=1, padding=1)
         and head.in_channels % 8 == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and usable(x, head.weight)
@@ -212,13 +220,8 @@ def transposed_conv2x2_usable(x: torch.Tensor, up: nn.ConvTranspose2d) -> bool:
     """Whether `transposed_conv2x2_into` applies: `usable`, a channels-last map, a 2x2 transposed
     convolution with stride 2 (no padding, groups or dilation; a bias) to a multiple of 4 channels."""
     return (
-        up.kernel_size == (2, 2)
-        and up.stride == (2, 2)
-        and up.padding == (0, 0)
+        _plain_conv(up, kernel=2, stride=2, padding=0)
         and up.output_padding == (0, 0)
-        and up.dilation == (1, 1)
-        and up.groups == 1
-        and up.bias is not None
         and up.out_channels % 4 == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and usable(x, up.weight)

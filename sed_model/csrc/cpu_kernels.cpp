@@ -83,30 +83,36 @@ void check_sums(const at::Tensor& kv, const at::Tensor& k_sum, int64_t l, int64_
 // and the block's sums (at most 128 KB for d = 32) stay in cache while every row passes.
 constexpr int64_t kHeadBlock = 32;
 
-// kv[l] += sum_n phi(k[n, l]) v[n, l]^T, k_sum[l] += sum_n phi(k[n, l]); VD vectors of 8 per head.
-template <int VD>
-void class_sums_vec(const float* k, const float* v, float* kv, float* k_sum, int64_t n_rows, int64_t heads_total) {
-  constexpr int D = VD * 8;
+// body(n, l) for every row n and head l: threads take blocks of heads, each block's rows in turn.
+template <typename Body>
+void for_rows_by_head_block(int64_t n_rows, int64_t heads_total, Body&& body) {
   at::parallel_for(0, heads_total, kHeadBlock, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; block += kHeadBlock) {
       const int64_t block_end = std::min(block + kHeadBlock, end);
       for (int64_t n = 0; n < n_rows; ++n) {
-        for (int64_t l = block; l < block_end; ++l) {
-          const float* kr = k + (n * heads_total + l) * D;
-          const float* vr = v + (n * heads_total + l) * D;
-          float* kvl = kv + l * D * D;
-          v8f phi[VD], vv[VD];
-          for (int j = 0; j < VD; ++j) {
-            phi[j] = elu_plus_one(load8(kr + 8 * j));
-            vv[j] = load8(vr + 8 * j);
-            store8(k_sum + l * D + 8 * j, load8(k_sum + l * D + 8 * j) + phi[j]);
-          }
-          for (int i = 0; i < D; ++i) {
-            const v8f p = splat(phi[i / 8][i % 8]);
-            for (int j = 0; j < VD; ++j) store8(kvl + i * D + 8 * j, load8(kvl + i * D + 8 * j) + p * vv[j]);
-          }
-        }
+        for (int64_t l = block; l < block_end; ++l) body(n, l);
       }
+    }
+  });
+}
+
+// kv[l] += sum_n phi(k[n, l]) v[n, l]^T, k_sum[l] += sum_n phi(k[n, l]); VD vectors of 8 per head.
+template <int VD>
+void class_sums_vec(const float* k, const float* v, float* kv, float* k_sum, int64_t n_rows, int64_t heads_total) {
+  constexpr int D = VD * 8;
+  for_rows_by_head_block(n_rows, heads_total, [&](int64_t n, int64_t l) {
+    const float* kr = k + (n * heads_total + l) * D;
+    const float* vr = v + (n * heads_total + l) * D;
+    float* kvl = kv + l * D * D;
+    v8f phi[VD], vv[VD];
+    for (int j = 0; j < VD; ++j) {
+      phi[j] = elu_plus_one(load8(kr + 8 * j));
+      vv[j] = load8(vr + 8 * j);
+      store8(k_sum + l * D + 8 * j, load8(k_sum + l * D + 8 * j) + phi[j]);
+    }
+    for (int i = 0; i < D; ++i) {
+      const v8f p = splat(phi[i / 8][i % 8]);
+      for (int j = 0; j < VD; ++j) store8(kvl + i * D + 8 * j, load8(kvl + i * D + 8 * j) + p * vv[j]);
     }
   });
 }
@@ -151,29 +157,22 @@ template <int VD>
 void attention_vec(const float* q, const float* kv, const float* k_sum, const float* residual, float* out, int64_t n_rows,
                    int64_t heads_total, float eps) {
   constexpr int D = VD * 8;
-  at::parallel_for(0, heads_total, kHeadBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; block += kHeadBlock) {
-      const int64_t block_end = std::min(block + kHeadBlock, end);
-      for (int64_t n = 0; n < n_rows; ++n) {
-        for (int64_t l = block; l < block_end; ++l) {
-          const float* kvl = kv + l * D * D;
-          const int64_t offset = (n * heads_total + l) * D;
-          v8f phi[VD], num[VD];
-          v8f den = splat(0.0f);
-          for (int j = 0; j < VD; ++j) {
-            phi[j] = elu_plus_one(load8(q + offset + 8 * j));
-            den += phi[j] * load8(k_sum + l * D + 8 * j);
-            num[j] = splat(0.0f);
-          }
-          for (int i = 0; i < D; ++i) {
-            const v8f p = splat(phi[i / 8][i % 8]);
-            for (int j = 0; j < VD; ++j) num[j] += p * load8(kvl + i * D + 8 * j);
-          }
-          const v8f denominator = splat(hsum(den) + eps);
-          for (int j = 0; j < VD; ++j) store8(out + offset + 8 * j, load8(residual + offset + 8 * j) + num[j] / denominator);
-        }
-      }
+  for_rows_by_head_block(n_rows, heads_total, [&](int64_t n, int64_t l) {
+    const float* kvl = kv + l * D * D;
+    const int64_t offset = (n * heads_total + l) * D;
+    v8f phi[VD], num[VD];
+    v8f den = splat(0.0f);
+    for (int j = 0; j < VD; ++j) {
+      phi[j] = elu_plus_one(load8(q + offset + 8 * j));
+      den += phi[j] * load8(k_sum + l * D + 8 * j);
+      num[j] = splat(0.0f);
     }
+    for (int i = 0; i < D; ++i) {
+      const v8f p = splat(phi[i / 8][i % 8]);
+      for (int j = 0; j < VD; ++j) num[j] += p * load8(kvl + i * D + 8 * j);
+    }
+    const v8f denominator = splat(hsum(den) + eps);
+    for (int j = 0; j < VD; ++j) store8(out + offset + 8 * j, load8(residual + offset + 8 * j) + num[j] / denominator);
   });
 }
 
