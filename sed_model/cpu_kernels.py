@@ -83,6 +83,11 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _enabled and cpu_float32_inference(x, weight) and available()
 
 
+def prepare() -> bool:
+    """Build or load the kernels now if they are on (not turned off); whether they are usable."""
+    return _enabled and available()
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Run PyTorch's operators instead of the kernels inside the block (tests, benchmarks)."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import cpu_kernels
 from .allocator import keep_freed_memory
 from .model import PRECISIONS, SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
@@ -22,7 +23,9 @@ class SEDPredictor:
     """`set_taxonomy` once, then `predict` / `predict_batch` many times.
 
     On CPU it sets this process's allocator to keep freed memory for reuse (`allocator.py`): the
-    model's large temporaries then cost no fresh page faults at every call.
+    model's large temporaries then cost no fresh page faults at every call. In float32 on CPU it
+    also builds or loads the decoder's fused kernels (`cpu_kernels.py`) here, so a fresh machine's
+    one-time build (about 20 s) happens with the model's loading, not inside the first batch.
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class SEDPredictor:
         self.model = model.eval()
         if self.model.device.type == "cpu":
             keep_freed_memory()
+            if precision == "float32":
+                cpu_kernels.prepare()
         self.top_k = top_k
         self.short_edge = short_edge
         self.max_size = max_size

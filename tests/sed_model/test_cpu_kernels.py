@@ -284,3 +284,16 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
     for a, b in zip(fused, operators):
         assert a.rows.class_index.tolist() == b.rows.class_index.tolist()
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+
+
+def test_the_predictor_loads_the_kernels_up_front_unless_they_are_off(tiny_pooling1, monkeypatch):
+    import sed_model
+
+    loads = []
+    monkeypatch.setattr(cpu_kernels, "available", lambda: loads.append(1) or True)
+    sed_model.SEDPredictor(tiny_pooling1)
+    assert loads == [1]
+    sed_model.SEDPredictor(tiny_pooling1, precision="bfloat16")  # autocast: PyTorch's operators
+    with cpu_kernels.disabled():
+        sed_model.SEDPredictor(tiny_pooling1)
+    assert loads == [1]
