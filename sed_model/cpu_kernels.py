@@ -5,7 +5,10 @@ where PyTorch's operators make one pass over memory each: elu, its +1, two batch
 matrices per position, the division and the residual add; the appearance term's add, GroupNorm,
 ReLU; an MLP's hidden activation (4x its input) written, activated and read back, then the layer
 scale and residual. The kernels here do each group in one or two passes, with the layers' own
-arithmetic (float32; GroupNorm's moments in double; erf within 5e-7 of the exact value).
+arithmetic (float32; GroupNorm's moments in double; erf within 5e-7 of the exact value). Three
+more replace oneDNN where it is slow for SED's shapes: the heads (3x3 to one channel), the 2x2
+transposed convs (written straight into the fusion conv's input) and the 3x3 convs from 32
+channels on (Winograd F(2x2, 3x3)).
 
 They are C++ built with `torch.utils.cpp_extension` into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`): about 20 s the first time on a

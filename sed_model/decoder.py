@@ -18,7 +18,9 @@ Speed on CPUs: feature maps are channels-last and pointwise layers go through on
 product in inference (`layout.py`); conv1 runs through the FFT in float32 inference
 (`fft_conv.py`); the appearance guidance is convolved once per image instead of once per class (see
 `UpStage.appearance_term`). In inference the chunks one stage hands to the next live in large
-stores of their own (`_chunk_stores`), so the heap does not fragment between stages.
+stores of their own (`_chunk_stores`), so the heap does not fragment between stages. In float32
+CPU inference the small-channel layers (MLPs, class attention, GroupNorm + ReLU, heads, transposed
+and 3x3 convs) run in fused kernels (`cpu_kernels.py`); PyTorch's operators are the other route.
 
 Module and parameter names follow the paper's checkpoints (`sem_seg_head.predictor.transformer.*`).
 """
@@ -466,7 +468,7 @@ class SEDDecoder(nn.Module):
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
             # In CPU float32 inference the up-sampled map is written straight into the fusion conv's
-            # input (`cpu_kernels.transposed_conv2x2_into`), behind the correlation guidance.
+            # input (`cpu_kernels.transposed_conv2x2_into`), in front of the correlation guidance.
             if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, stage.up):
                 self._correlation(cost, rows, first, end, level, into=fusion_input[: end - first], offset=stage.up.out_channels)
                 correlation = None
