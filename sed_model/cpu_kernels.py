@@ -7,8 +7,9 @@ ReLU; an MLP's hidden activation (4x its input) written, activated and read back
 scale and residual. The kernels here do each group in one or two passes, with the layers' own
 arithmetic (float32; GroupNorm's moments in double; erf within 5e-7 of the exact value). Three
 more replace oneDNN where it is slow for SED's shapes: the heads (3x3 to one channel), the 2x2
-transposed convs (written straight into the fusion conv's input) and the 3x3 convs from 32
-channels on (Winograd F(2x2, 3x3)).
+transposed convs (written straight into the fusion conv's input) and the 3x3 convs (Winograd
+F(4x4, 3x3): 4x fewer multiplications; its rounding error is several times the direct kernel's,
+still tens of times below the fixtures' tolerance at the model's outputs).
 
 They are C++ built with `torch.utils.cpp_extension` into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`): about 20 s the first time on a
@@ -256,19 +257,31 @@ def _transposed_conv_weight(up: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch
     return cached[1]
 
 
-# Winograd F(2x2, 3x3)'s weight transform G (4 x 3), as the (16 x 9) map of G g G^T's entries.
-_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# Winograd F(4x4, 3x3)'s weight transform G (6 x 3), at the usual points 0, +-1, +-2 and infinity,
+# as the (36 x 9) map of G g G^T's entries (made in float64, so the transformed weights are rounded
+# once). The points 0, 1, -1, 2, -1/2 round 3x less but cost 8-21% more time in the transforms.
+_WINOGRAD_G = torch.tensor(
+    [
+        [1 / 4, 0.0, 0.0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0.0, 0.0, 1.0],
+    ],
+    dtype=torch.float64,
+)
 _WINOGRAD_WEIGHT_MAP = torch.kron(_WINOGRAD_G, _WINOGRAD_G)
 # The Winograd kernel takes the 3x3 convolutions from this many input channels on: measured on a
-# 2-core AMD EPYC against oneDNN's direct kernel, 1.15-1.5x faster from 32 channels on (all of the
-# decoder's fusion convs, the first two stages' second convs), slower at 16 (the last stage's second).
-WINOGRAD_MIN_CHANNELS = 32
+# 2-core AMD EPYC (Zen 3) against oneDNN's direct kernel, 1.4x faster at 16 -> 16 channels (the
+# last stage's second conv) and 1.6-2.2x from 32 on (the fusion convs, the other second convs).
+WINOGRAD_MIN_CHANNELS = 16
 _winograd_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def winograd_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `winograd_conv3x3` applies: `usable`, a channels-last map of even height and width,
-    a 3x3 weight with at least `WINOGRAD_MIN_CHANNELS` input channels (a multiple of 8) and a
+    """Whether `winograd_conv3x3` applies: `usable`, a channels-last map whose height and width are
+    multiples of 4 (whole output tiles), a 3x3 weight with at least `WINOGRAD_MIN_CHANNELS` input channels (a multiple of 8) and a
     multiple of 16 output channels."""
     out_channels, in_channels, kh, kw = weight.shape
     return (
@@ -277,15 +290,15 @@ def winograd_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and in_channels % 8 == 0
         and out_channels % 16 == 0
         and x.shape[1] == in_channels
-        and x.shape[-2] % 2 == 0
-        and x.shape[-1] % 2 == 0
+        and x.shape[-2] % 4 == 0
+        and x.shape[-1] % 4 == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and usable(x, weight)
     )
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
-    """`F.conv2d(x, weight, padding=1)` (no bias) by Winograd's F(2x2, 3x3); channels-last out.
+    """`F.conv2d(x, weight, padding=1)` (no bias) by Winograd's F(4x4, 3x3); channels-last out.
 
     With `owner` (the module whose weight `weight` is, or is made from), the transformed weight
     is kept per weight version instead of being made on each call.
@@ -294,8 +307,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | N
     cached = None if key is None else _winograd_weights.get(owner)
     if cached is None or cached[0] != (key, weight.shape):
         out_channels, in_channels = weight.shape[:2]
-        u = (weight.detach().reshape(-1, 9) @ _WINOGRAD_WEIGHT_MAP.to(weight.device).T).view(out_channels, in_channels, 16)
-        cached = ((key, weight.shape), u.permute(2, 1, 0).contiguous())
+        u = weight.detach().reshape(-1, 9).double() @ _WINOGRAD_WEIGHT_MAP.to(weight.device).T
+        cached = ((key, weight.shape), u.float().view(out_channels, in_channels, 36).permute(2, 1, 0).contiguous())
         if key is not None:
             _winograd_weights[owner] = cached
     y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), cached[1])

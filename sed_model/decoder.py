@@ -525,7 +525,7 @@ class SEDDecoder(nn.Module):
 
 def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d) -> torch.Tensor:
     """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it); in
-    CPU float32 inference from 32 channels on, by Winograd's F(2x2, 3x3) (`cpu_kernels`)."""
+    CPU float32 inference by Winograd's F(4x4, 3x3) (`cpu_kernels.winograd_usable` says where)."""
     plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
     if plain and cpu_kernels.winograd_usable(x, weight):
         return cpu_kernels.winograd_conv3x3(x, weight, owner)

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -34,6 +35,22 @@ inline v8f load8(const float* p) {
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// A float buffer aligned to a cache line, so that no vector load or store of a multiple of 8
+// floats from its start straddles two lines (std::vector's 16-byte alignment splits every other one).
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(size_t count) : data_(static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64))) {
+    TORCH_CHECK(data_ != nullptr || count == 0, "out of memory for a kernel buffer of ", count, " floats");
+  }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(data_); }
+  float* data() { return data_; }
+
+ private:
+  float* data_;
+};
 
 inline float hsum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
@@ -394,16 +411,30 @@ void for_micro_rows(int64_t rows, Body&& body) {
   }
 }
 
-// LayerNorm over each of `rows` rows of `k_len` values (PyTorch's: biased variance, eps inside the root).
+// LayerNorm over each of `rows` rows of `k_len` values (PyTorch's: biased variance, eps inside the
+// root), 8 channels per vector (the sums in eight partial sums; a scalar tail past the last 8).
 void layer_norm_rows(const float* x, int64_t rows, int64_t k_len, const float* weight, const float* bias, float eps, float* out) {
+  const int64_t vector_end = k_len / 8 * 8;
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = x + r * k_len;
-    float mean = 0.0f, variance = 0.0f;
-    for (int64_t k = 0; k < k_len; ++k) mean += in[k];
-    mean /= static_cast<float>(k_len);
-    for (int64_t k = 0; k < k_len; ++k) variance += (in[k] - mean) * (in[k] - mean);
-    const float rstd = 1.0f / std::sqrt(variance / static_cast<float>(k_len) + eps);
-    for (int64_t k = 0; k < k_len; ++k) out[r * k_len + k] = (in[k] - mean) * rstd * weight[k] + bias[k];
+    v8f partial = splat(0.0f);
+    for (int64_t k = 0; k < vector_end; k += 8) partial += load8(in + k);
+    float sum = hsum(partial);
+    for (int64_t k = vector_end; k < k_len; ++k) sum += in[k];
+    const float mean = sum / static_cast<float>(k_len);
+    partial = splat(0.0f);
+    for (int64_t k = 0; k < vector_end; k += 8) {
+      const v8f centred = load8(in + k) - splat(mean);
+      partial += centred * centred;
+    }
+    float squares = hsum(partial);
+    for (int64_t k = vector_end; k < k_len; ++k) squares += (in[k] - mean) * (in[k] - mean);
+    const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(k_len) + eps);
+    float* normed = out + r * k_len;
+    for (int64_t k = 0; k < vector_end; k += 8) {
+      store8(normed + k, (load8(in + k) - splat(mean)) * splat(rstd) * load8(weight + k) + load8(bias + k));
+    }
+    for (int64_t k = vector_end; k < k_len; ++k) normed[k] = (in[k] - mean) * rstd * weight[k] + bias[k];
   }
 }
 
@@ -455,7 +486,7 @@ void pointwise_mlp(const at::Tensor& x, const std::optional<at::Tensor>& norm_we
   float* op = out.data_ptr<float>();
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(kTileRows * hidden), normed(nwp ? kTileRows * k_len : 0);
+    AlignedFloats h(kTileRows * hidden), normed(nwp ? kTileRows * k_len : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * kTileRows, count = std::min(kTileRows, rows - first);
       // The tile's inputs, normalised first if asked: read before any of its rows is written (`out`
@@ -544,7 +575,7 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n_rows * height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> products(kMicroRows * columns);
+    AlignedFloats products(kMicroRows * columns);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / height, i = row % height;
       for (int64_t j0 = 0; j0 < width; j0 += kMicroRows) {
@@ -576,45 +607,56 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3x3 convolutions (padding 1, no bias) by Winograd's F(2x2, 3x3): each 2x2 output tile is
-// A^T [sum_c U_c (.) (B^T d_c B)] A over 4x4 input tiles d_c, with U_c = G g_c G^T the transformed
-// weights (`u`, (16, C_in, C_out), made by the caller). 16 products of (tiles x C_in) by
-// (C_in x C_out) replace the direct convolution's 36 multiplications per tile by 16; the transforms
-// are additions only (and the weights' halves), so rounding stays at float32's level.
+// 3x3 convolutions (padding 1, no bias) by Winograd's F(4x4, 3x3): each 4x4 output tile is
+// A^T [sum_c U_c (.) (B^T d_c B)] A over 6x6 input tiles d_c, with U_c = G g_c G^T the transformed
+// weights (`u`, (36, C_in, C_out), made by the caller). 36 products of (tiles x C_in) by
+// (C_in x C_out) replace the direct convolution's 144 multiplications per tile; the transforms
+// have small integer coefficients (B, A: 1, 2, 4, 5, 8), so rounding stays within a few times
+// float32's.
 constexpr int kWinogradTiles = kMicroRows;
+
+// B^T e for the six values of one row or column of an input tile.
+inline void winograd_input_transform(const v8f (&e)[6], v8f (&out)[6]) {
+  const v8f a = e[4] - splat(4.0f) * e[2], b = e[3] - splat(4.0f) * e[1];
+  const v8f c = e[4] - e[2], d = splat(2.0f) * (e[3] - e[1]);
+  out[0] = splat(4.0f) * e[0] - splat(5.0f) * e[2] + e[4];
+  out[1] = a + b;
+  out[2] = a - b;
+  out[3] = c + d;
+  out[4] = c - d;
+  out[5] = splat(4.0f) * e[1] - splat(5.0f) * e[3] + e[5];
+}
+
+// A^T e (four values) for the six values of one row or column of a product tile.
+inline void winograd_output_transform(const v8f (&e)[6], v8f (&out)[4]) {
+  const v8f p = e[1] + e[2], n = e[1] - e[2], pp = e[3] + e[4], nn = e[3] - e[4];
+  out[0] = e[0] + p + pp;
+  out[1] = n + splat(2.0f) * nn;
+  out[2] = p + splat(4.0f) * pp;
+  out[3] = n + splat(8.0f) * nn + e[5];
+}
 
 inline void winograd_input_tile(const float* x, int64_t height, int64_t width, int64_t channels, int64_t n, int64_t top, int64_t left,
                                 float* v, int64_t v_stride) {
-  // v[xi * v_stride + c] for xi = 4 * row + column of B^T d B.
-  const bool inside = top >= 0 && top + 4 <= height && left >= 0 && left + 4 <= width;
+  // v[xi * v_stride + c] for xi = 6 * row + column of B^T d B.
+  const bool inside = top >= 0 && top + 6 <= height && left >= 0 && left + 6 <= width;
   for (int64_t c0 = 0; c0 < channels; c0 += 8) {
-    v8f d[4][4];
-    if (inside) {
-      const float* corner = x + ((n * height + top) * width + left) * channels + c0;
-      for (int r = 0; r < 4; ++r)
-        for (int q = 0; q < 4; ++q) d[r][q] = load8(corner + (r * width + q) * channels);
-    } else {  // the border: zero padding
-      for (int r = 0; r < 4; ++r) {
-        const int64_t y = top + r;
-        for (int q = 0; q < 4; ++q) {
-          const int64_t xx = left + q;
-          const bool in_map = y >= 0 && y < height && xx >= 0 && xx < width;
-          d[r][q] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
-        }
+    // Columns first (B^T d), each column's inputs dead before the next is loaded, then rows.
+    v8f t[6][6];
+    for (int q = 0; q < 6; ++q) {
+      v8f column[6], transformed[6];
+      for (int r = 0; r < 6; ++r) {  // zero padding outside the map
+        const int64_t y = top + r, xx = left + q;
+        const bool in_map = inside || (y >= 0 && y < height && xx >= 0 && xx < width);
+        column[r] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
       }
+      winograd_input_transform(column, transformed);
+      for (int r = 0; r < 6; ++r) t[r][q] = transformed[r];
     }
-    v8f t[4][4];
-    for (int q = 0; q < 4; ++q) {
-      t[0][q] = d[0][q] - d[2][q];
-      t[1][q] = d[1][q] + d[2][q];
-      t[2][q] = d[2][q] - d[1][q];
-      t[3][q] = d[1][q] - d[3][q];
-    }
-    for (int r = 0; r < 4; ++r) {
-      store8(v + (4 * r + 0) * v_stride + c0, t[r][0] - t[r][2]);
-      store8(v + (4 * r + 1) * v_stride + c0, t[r][1] + t[r][2]);
-      store8(v + (4 * r + 2) * v_stride + c0, t[r][2] - t[r][1]);
-      store8(v + (4 * r + 3) * v_stride + c0, t[r][1] - t[r][3]);
+    for (int r = 0; r < 6; ++r) {
+      v8f transformed[6];
+      winograd_input_transform(t[r], transformed);
+      for (int q = 0; q < 6; ++q) store8(v + (6 * r + q) * v_stride + c0, transformed[q]);
     }
   }
 }
@@ -623,29 +665,29 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
   const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), in_channels = x.size(3);
-  TORCH_CHECK(height % 2 == 0 && width % 2 == 0 && in_channels % 8 == 0, "winograd_conv3x3: even sizes and a multiple of 8 channels expected, got ",
-              x.sizes());
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == in_channels && u.size(2) % 16 == 0 && u.is_contiguous() &&
+  TORCH_CHECK(height % 4 == 0 && width % 4 == 0 && in_channels % 8 == 0,
+              "winograd_conv3x3: sizes that are multiples of 4 and a multiple of 8 channels expected, got ", x.sizes());
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 36 && u.size(1) == in_channels && u.size(2) % 16 == 0 && u.is_contiguous() &&
                   u.scalar_type() == at::kFloat,
-              "u: expected (16, ", in_channels, ", C_out) with C_out a multiple of 16, got ", u.sizes());
+              "u: expected (36, ", in_channels, ", C_out) with C_out a multiple of 16, got ", u.sizes());
   const int64_t out_channels = u.size(2);
   at::Tensor out = at::empty({n_rows, height, width, out_channels}, x.options());
   const float *xp = x.data_ptr<float>(), *up = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t tile_rows = height / 2, tile_columns = width / 2;
+  const int64_t tile_rows = height / 4, tile_columns = width / 4;
   const std::vector<float> zeros(out_channels, 0.0f);
   at::parallel_for(0, n_rows * tile_rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(16 * kWinogradTiles * in_channels), m(16 * kWinogradTiles * out_channels);
+    AlignedFloats v(36 * kWinogradTiles * in_channels), m(36 * kWinogradTiles * out_channels);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / tile_rows, ty = row % tile_rows;
       for (int64_t tx0 = 0; tx0 < tile_columns; tx0 += kWinogradTiles) {
         const int64_t count = std::min<int64_t>(kWinogradTiles, tile_columns - tx0);
-        // v: (16, tiles, C_in); m: (16, tiles, C_out).
+        // v: (36, tiles, C_in); m: (36, tiles, C_out).
         for (int64_t q = 0; q < count; ++q) {
-          winograd_input_tile(xp, height, width, in_channels, n, 2 * ty - 1, 2 * (tx0 + q) - 1, v.data() + q * in_channels,
+          winograd_input_tile(xp, height, width, in_channels, n, 4 * ty - 1, 4 * (tx0 + q) - 1, v.data() + q * in_channels,
                               kWinogradTiles * in_channels);
         }
-        for (int xi = 0; xi < 16; ++xi) {
+        for (int xi = 0; xi < 36; ++xi) {
           const float* a = v.data() + xi * kWinogradTiles * in_channels;
           float* mx = m.data() + xi * kWinogradTiles * out_channels;
           for_micro_rows(count, [&](auto mr, int64_t r) {
@@ -661,20 +703,21 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u) {
             }
           });
         }
-        // y = A^T m A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+        // y = A^T m A: columns first, then rows.
         for (int64_t q = 0; q < count; ++q) {
           for (int64_t c = 0; c < out_channels; c += 8) {
-            v8f mm[4][4];
-            for (int xi = 0; xi < 16; ++xi) mm[xi / 4][xi % 4] = load8(m.data() + (xi * kWinogradTiles + q) * out_channels + c);
-            v8f t[2][4];
-            for (int k = 0; k < 4; ++k) {
-              t[0][k] = mm[0][k] + mm[1][k] + mm[2][k];
-              t[1][k] = mm[1][k] - mm[2][k] - mm[3][k];
+            v8f t[4][6];
+            for (int k = 0; k < 6; ++k) {
+              v8f column[6], transformed[4];
+              for (int r = 0; r < 6; ++r) column[r] = load8(m.data() + ((6 * r + k) * kWinogradTiles + q) * out_channels + c);
+              winograd_output_transform(column, transformed);
+              for (int r = 0; r < 4; ++r) t[r][k] = transformed[r];
             }
-            for (int r = 0; r < 2; ++r) {
-              float* target = op + ((n * height + 2 * ty + r) * width + 2 * (tx0 + q)) * out_channels + c;
-              store8(target, t[r][0] + t[r][1] + t[r][2]);
-              store8(target + out_channels, t[r][1] - t[r][2] - t[r][3]);
+            for (int r = 0; r < 4; ++r) {
+              v8f transformed[4];
+              winograd_output_transform(t[r], transformed);
+              float* target = op + ((n * height + 4 * ty + r) * width + 4 * (tx0 + q)) * out_channels + c;
+              for (int j = 0; j < 4; ++j) store8(target + j * out_channels, transformed[j]);
             }
           }
         }

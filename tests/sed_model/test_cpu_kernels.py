@@ -166,9 +166,12 @@ def test_transposed_conv_kernel_takes_only_what_it_computes():
             cpu_kernels.transposed_conv2x2_into(x, torch.nn.ConvTranspose2d(16, 8, 2, stride=2), channels_last(torch.empty(1, 10, 8, 8)), 4, False)
 
 
-@pytest.mark.parametrize("in_channels, out_channels, size", [(32, 16, (6, 8)), (64, 32, (2, 2)), (128, 64, (10, 4))])
+@pytest.mark.parametrize(
+    "in_channels, out_channels, size", [(16, 16, (8, 12)), (32, 16, (12, 8)), (64, 32, (4, 4)), (128, 64, (20, 8))]
+)
 def test_winograd_conv_is_the_3x3_convolution(in_channels, out_channels, size):
-    """Against float64: Winograd F(2x2, 3x3) is as exact as the direct kernel (zero padding at every border)."""
+    """Against float64, zero padding at every border: Winograd F(4x4, 3x3) rounds within 16x of the
+    direct kernel (its transforms scale by up to 8 and 1/24; measured 8-10x on SED's shapes)."""
     torch.manual_seed(in_channels)
     x = channels_last(torch.randn(3, in_channels, *size))
     conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
@@ -178,7 +181,7 @@ def test_winograd_conv_is_the_3x3_convolution(in_channels, out_channels, size):
         y = cpu_kernels.winograd_conv3x3(x, conv.weight, conv)
         direct_error = (conv(x).double() - exact).abs().max()
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert (y.double() - exact).abs().max() <= max(2 * direct_error, 1e-6)
+    assert (y.double() - exact).abs().max() <= 16 * direct_error
 
 
 def test_winograd_weights_follow_in_place_updates_and_the_weight_used():
@@ -196,8 +199,8 @@ def test_winograd_takes_only_what_it_computes_and_pays_for():
     x = channels_last(torch.randn(1, 32, 4, 4))
     with torch.no_grad():
         assert cpu_kernels.winograd_usable(x, torch.randn(16, 32, 3, 3))
-        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 16, 4, 4)), torch.randn(16, 16, 3, 3))  # few channels
-        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 32, 5, 4)), torch.randn(16, 32, 3, 3))  # odd height
+        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 8, 4, 4)), torch.randn(16, 8, 3, 3))  # few channels
+        assert not cpu_kernels.winograd_usable(channels_last(torch.randn(1, 32, 6, 4)), torch.randn(16, 32, 3, 3))  # no whole tiles
         assert not cpu_kernels.winograd_usable(x, torch.randn(8, 32, 3, 3))  # 8 outputs
         assert not cpu_kernels.winograd_usable(x.contiguous(), torch.randn(16, 32, 3, 3))  # NCHW
 
