@@ -533,19 +533,35 @@ at::Tensor single_channel_conv3x3(const at::Tensor& x, const at::Tensor& weight,
   at::parallel_for(0, n_rows * height, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / height, y = row % height;
-      for (int64_t x0 = 0; x0 < width; ++x0) {
-        v8f acc = splat(0.0f);
+      // `count` outputs from column x0 on, each with its own accumulator (one chain of products
+      // each, in the same order whatever `count`): several chains hide the products' latency.
+      // `checked`: the window reaches past the map's left or right border.
+      auto outputs = [&](int64_t x0, auto count, bool checked) {
+        constexpr int kCount = decltype(count)::value;
+        v8f acc[kCount];
+        for (int j = 0; j < kCount; ++j) acc[j] = splat(0.0f);
         for (int dy = -1; dy <= 1; ++dy) {
           if (y + dy < 0 || y + dy >= height) continue;
+          const float* in_row = xp + (n * height + y + dy) * width * channels;
           for (int dx = -1; dx <= 1; ++dx) {
-            if (x0 + dx < 0 || x0 + dx >= width) continue;
-            const float* in = xp + ((n * height + y + dy) * width + x0 + dx) * channels;
             const float* w = wp + ((dy + 1) * 3 + dx + 1) * channels;
-            for (int64_t v = 0; v < vectors; ++v) acc += load8(in + 8 * v) * load8(w + 8 * v);
+            for (int64_t v = 0; v < vectors; ++v) {
+              const v8f wv = load8(w + 8 * v);
+              for (int j = 0; j < kCount; ++j) {
+                const int64_t column = x0 + j + dx;
+                if (checked && (column < 0 || column >= width)) continue;
+                acc[j] += load8(in_row + column * channels + 8 * v) * wv;
+              }
+            }
           }
         }
-        op[row * width + x0] = hsum(acc) + b;
-      }
+        for (int j = 0; j < kCount; ++j) op[row * width + x0 + j] = hsum(acc[j]) + b;
+      };
+      constexpr int kBlock = 8;
+      int64_t x0 = 0;
+      outputs(x0++, std::integral_constant<int, 1>{}, true);
+      for (; x0 + kBlock < width; x0 += kBlock) outputs(x0, std::integral_constant<int, kBlock>{}, false);
+      for (; x0 < width; ++x0) outputs(x0, std::integral_constant<int, 1>{}, true);
     }
   });
   return out;

@@ -126,7 +126,7 @@ def test_mlp_with_its_layer_norm_in_place(activation):
     torch.testing.assert_close(y, expected, atol=5e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("channels, size", [(16, (9, 7)), (64, (1, 2)), (128, (2, 5))])
+@pytest.mark.parametrize("channels, size", [(16, (9, 7)), (16, (5, 21)), (32, (4, 10)), (64, (1, 2)), (128, (2, 5))])
 def test_single_channel_head(channels, size):
     torch.manual_seed(channels)
     head = torch.nn.Conv2d(channels, 1, 3, padding=1)
