@@ -279,26 +279,29 @@ WINOGRAD_MIN_CHANNELS = 16
 _winograd_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def winograd_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `winograd_conv3x3` applies: `usable`, a channels-last map whose height and width are
-    multiples of 4 (whole output tiles), a 3x3 weight with at least `WINOGRAD_MIN_CHANNELS` input channels (a multiple of 8) and a
-    multiple of 16 output channels."""
+def winograd_usable(x: torch.Tensor, weight: torch.Tensor, second: torch.Tensor | None = None) -> bool:
+    """Whether `winograd_conv3x3` applies to `x` (and `second`, whose channels follow `x`'s):
+    `usable`, channels-last maps whose height and width are multiples of 4 (whole output tiles), a
+    3x3 weight with at least `WINOGRAD_MIN_CHANNELS` input channels (a multiple of 8 in each map)
+    and a multiple of 16 output channels."""
     out_channels, in_channels, kh, kw = weight.shape
+    maps = (x,) if second is None else (x, second)
     return (
         (kh, kw) == (3, 3)
         and in_channels >= WINOGRAD_MIN_CHANNELS
-        and in_channels % 8 == 0
         and out_channels % 16 == 0
-        and x.shape[1] == in_channels
+        and sum(t.shape[1] for t in maps) == in_channels
+        and all(t.shape[1] % 8 == 0 and t.shape[0] == x.shape[0] and t.shape[-2:] == x.shape[-2:] for t in maps)
         and x.shape[-2] % 4 == 0
         and x.shape[-1] % 4 == 0
-        and x.is_contiguous(memory_format=torch.channels_last)
+        and all(t.is_contiguous(memory_format=torch.channels_last) for t in maps)
         and usable(x, weight)
     )
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | None = None, second: torch.Tensor | None = None) -> torch.Tensor:
     """`F.conv2d(x, weight, padding=1)` (no bias) by Winograd's F(4x4, 3x3); channels-last out.
+    With `second`, the input is `torch.cat([x, second], dim=1)`, read from the two maps (no copy).
 
     With `owner` (the module whose weight `weight` is, or is made from), the transformed weight
     is kept per weight version instead of being made on each call.
@@ -311,5 +314,6 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | N
         cached = ((key, weight.shape), u.float().view(out_channels, in_channels, 36).permute(2, 1, 0).contiguous())
         if key is not None:
             _winograd_weights[owner] = cached
-    y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), cached[1])
+    second_nhwc = None if second is None else second.permute(0, 2, 3, 1)
+    y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), second_nhwc, cached[1])
     return y.permute(0, 3, 1, 2)

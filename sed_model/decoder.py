@@ -329,23 +329,25 @@ class UpStage(nn.Module):
     ) -> torch.Tensor:
         """The stage after its ConvNeXt block for one chunk (`x`: `cnext`'s output, one image's rows).
 
-        `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term.
-        With `out` (inference only), the result is written there; with `fusion_input` (inference
-        only, at least as many rows as `x`), the concatenation the fusion conv reads is built there.
-        `correlation` None means `fusion_input` holds the rows' correlation guidance already, after
-        the up-sampled channels, which a CPU kernel then writes in front of it (no concatenation).
+        `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term,
+        `correlation` the rows' correlation guidance. With `out` (inference only), the result is
+        written there; `fusion_input` (inference only; channels-last, at least as many rows as `x`)
+        is memory for the fusion conv's input, the concatenation of up-sampled map and correlation
+        guidance. In CPU float32 inference only the up-sampled map goes there (a kernel writes it),
+        and the fusion conv reads it and the correlation guidance where they are.
         """
         x = self.attention(x, kv, k_sum, pooling)
         conv = self.conv.double_conv[0]
         c_up = self.up.out_channels
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
-        if correlation is None:
-            concatenated = fusion_input[: x.shape[0]]
-            cpu_kernels.transposed_conv2x2_into(channels_last(x), self.up, concatenated, 0, relu=False)
+        if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, self.up):
+            up = _channels_last_map(fusion_input, (x.shape[0], c_up, *correlation.shape[-2:]))
+            cpu_kernels.transposed_conv2x2_into(x, self.up, up, 0, relu=False)
+            fused = _conv3x3(up, per_class_weight, conv, correlation)
         else:
             parts = [self.up(x), correlation]
             concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
-        fused = _conv3x3(concatenated, per_class_weight, conv)
+            fused = _conv3x3(concatenated, per_class_weight, conv)
         norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
         y = _conv3x3(group_norm_relu(fused, norm1, add=appearance_term), conv2.weight, conv2)
         return group_norm_relu(y, norm2, out=out)
@@ -467,13 +469,7 @@ class SEDDecoder(nn.Module):
         outputs, logits = [], []
         for i, (image, first, end) in enumerate(spans):
             x, chunks[i] = chunks[i], None
-            # In CPU float32 inference the up-sampled map is written straight into the fusion conv's
-            # input (`cpu_kernels.transposed_conv2x2_into`), in front of the correlation guidance.
-            if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, stage.up):
-                self._correlation(cost, rows, first, end, level, into=fusion_input[: end - first], offset=stage.up.out_channels)
-                correlation = None
-            else:
-                correlation = self._correlation(cost, rows, first, end, level)
+            correlation = self._correlation(cost, rows, first, end, level)
             out = None if stores is None else stores[i]
             y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out, fusion_input=fusion_input)
             logits.append(_head(head, y if last else y.detach()).squeeze(1))
@@ -505,31 +501,36 @@ class SEDDecoder(nn.Module):
         """The cost volume `(n, P, h, w)` of rows `first:end` (NCHW)."""
         return cost[rows.image_index[first:end], rows.class_index[first:end]]
 
-    def _correlation(
-        self, cost: torch.Tensor, rows: Rows, first: int, end: int, level: int, into: torch.Tensor | None = None, offset: int = 0
-    ) -> torch.Tensor | None:
+    def _correlation(self, cost: torch.Tensor, rows: Rows, first: int, end: int, level: int) -> torch.Tensor:
         """Correlation guidance of rows `first:end` for up-stage `level`, chained on the raw cost volume.
 
         Recomputed per stage from the cost volume (about 1% of the decoder's work) rather than held
         for every row between stages, which at the last stage would cost as much memory as its input.
-        With `into`, it is written into that map's channels from `offset` on, and None is returned.
         """
         x = channels_last(self._cost_rows(cost, rows, first, end))
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
-        if into is None:
-            return x
-        into[:, offset : offset + x.shape[1]].copy_(x)
-        return None
+        return x
 
 
-def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d) -> torch.Tensor:
-    """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it); in
-    CPU float32 inference by Winograd's F(4x4, 3x3) (`cpu_kernels.winograd_usable` says where)."""
+def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: torch.Tensor | None = None) -> torch.Tensor:
+    """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it) over
+    `x`, or over `x` and `second` concatenated; in CPU float32 inference by Winograd's F(4x4, 3x3)
+    (`cpu_kernels.winograd_usable` says where), which reads both maps where they are."""
     plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
-    if plain and cpu_kernels.winograd_usable(x, weight):
-        return cpu_kernels.winograd_conv3x3(x, weight, owner)
+    if plain and cpu_kernels.winograd_usable(x, weight, second):
+        return cpu_kernels.winograd_conv3x3(x, weight, owner, second)
+    if second is not None:
+        x = torch.cat([x, second], dim=1)
     return F.conv2d(x, weight, padding=owner.padding)
+
+
+def _channels_last_map(buffer: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """A channels-last map of `shape` (N, C, H, W) over the start of the channels-last `buffer`'s
+    memory (which must hold at least as many elements)."""
+    n, channels, height, width = shape
+    memory = buffer.permute(0, 2, 3, 1).view(-1)
+    return memory[: n * channels * height * width].view(n, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _head(head: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

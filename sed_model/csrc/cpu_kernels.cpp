@@ -626,9 +626,10 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
 // 3x3 convolutions (padding 1, no bias) by Winograd's F(4x4, 3x3): each 4x4 output tile is
 // A^T [sum_c U_c (.) (B^T d_c B)] A over 6x6 input tiles d_c, with U_c = G g_c G^T the transformed
 // weights (`u`, (36, C_in, C_out), made by the caller). 36 products of (tiles x C_in) by
-// (C_in x C_out) replace the direct convolution's 144 multiplications per tile; the transforms
-// have small integer coefficients (B, A: 1, 2, 4, 5, 8), so rounding stays within a few times
-// float32's.
+// (C_in x C_out) replace the direct convolution's 144 multiplications per tile; the transforms'
+// coefficients (up to 8 in A, 5 in B, 1/24 in G) round about 10x more than the direct kernel. The
+// input may be the channel concatenation of two maps, read where they are (the decoder's fusion
+// conv: the up-sampled map and the correlation guidance, never copied into one).
 constexpr int kWinogradTiles = kMicroRows;
 
 // B^T e for the six values of one row or column of an input tile.
@@ -652,43 +653,67 @@ inline void winograd_output_transform(const v8f (&e)[6], v8f (&out)[4]) {
   out[3] = n + splat(8.0f) * nn + e[5];
 }
 
-inline void winograd_input_tile(const float* x, int64_t height, int64_t width, int64_t channels, int64_t n, int64_t top, int64_t left,
+// One map a 3x3 convolution reads: the convolution's input is the channel concatenation of one
+// or two of them (channels-last, the same height and width).
+struct ConvInput {
+  const float* data;
+  int64_t channels;
+};
+
+inline void winograd_input_tile(const ConvInput* parts, int n_parts, int64_t height, int64_t width, int64_t n, int64_t top, int64_t left,
                                 float* v, int64_t v_stride) {
-  // v[xi * v_stride + c] for xi = 6 * row + column of B^T d B.
+  // v[xi * v_stride + c] for xi = 6 * row + column of B^T d B, c over the parts' channels in turn.
   const bool inside = top >= 0 && top + 6 <= height && left >= 0 && left + 6 <= width;
-  for (int64_t c0 = 0; c0 < channels; c0 += 8) {
-    // Columns first (B^T d), each column's inputs dead before the next is loaded, then rows.
-    v8f t[6][6];
-    for (int q = 0; q < 6; ++q) {
-      v8f column[6], transformed[6];
-      for (int r = 0; r < 6; ++r) {  // zero padding outside the map
-        const int64_t y = top + r, xx = left + q;
-        const bool in_map = inside || (y >= 0 && y < height && xx >= 0 && xx < width);
-        column[r] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
+  int64_t first_channel = 0;
+  for (int part = 0; part < n_parts; ++part) {
+    const float* x = parts[part].data;
+    const int64_t channels = parts[part].channels;
+    for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+      // Columns first (B^T d), each column's inputs dead before the next is loaded, then rows.
+      v8f t[6][6];
+      for (int q = 0; q < 6; ++q) {
+        v8f column[6], transformed[6];
+        for (int r = 0; r < 6; ++r) {  // zero padding outside the map
+          const int64_t y = top + r, xx = left + q;
+          const bool in_map = inside || (y >= 0 && y < height && xx >= 0 && xx < width);
+          column[r] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
+        }
+        winograd_input_transform(column, transformed);
+        for (int r = 0; r < 6; ++r) t[r][q] = transformed[r];
       }
-      winograd_input_transform(column, transformed);
-      for (int r = 0; r < 6; ++r) t[r][q] = transformed[r];
+      for (int r = 0; r < 6; ++r) {
+        v8f transformed[6];
+        winograd_input_transform(t[r], transformed);
+        for (int q = 0; q < 6; ++q) store8(v + (6 * r + q) * v_stride + first_channel + c0, transformed[q]);
+      }
     }
-    for (int r = 0; r < 6; ++r) {
-      v8f transformed[6];
-      winograd_input_transform(t[r], transformed);
-      for (int q = 0; q < 6; ++q) store8(v + (6 * r + q) * v_stride + c0, transformed[q]);
-    }
+    first_channel += channels;
   }
 }
 
-at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u) {
+at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& u) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
-  const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), in_channels = x.size(3);
-  TORCH_CHECK(height % 4 == 0 && width % 4 == 0 && in_channels % 8 == 0,
+  const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2);
+  TORCH_CHECK(height % 4 == 0 && width % 4 == 0 && x.size(3) % 8 == 0,
               "winograd_conv3x3: sizes that are multiples of 4 and a multiple of 8 channels expected, got ", x.sizes());
+  ConvInput parts[2] = {{x.data_ptr<float>(), x.size(3)}, {nullptr, 0}};
+  int n_parts = 1;
+  if (x2.has_value() && x2->defined()) {
+    TORCH_CHECK(x2->dim() == 4 && x2->size(0) == n_rows && x2->size(1) == height && x2->size(2) == width && x2->size(3) % 8 == 0 &&
+                    x2->scalar_type() == at::kFloat && x2->is_contiguous(),
+                "x2: expected a contiguous float32 tensor (", n_rows, ", ", height, ", ", width, ", C) with C a multiple of 8, got ",
+                x2->sizes());
+    parts[1] = {x2->data_ptr<float>(), x2->size(3)};
+    n_parts = 2;
+  }
+  const int64_t in_channels = parts[0].channels + parts[1].channels;
   TORCH_CHECK(u.dim() == 3 && u.size(0) == 36 && u.size(1) == in_channels && u.size(2) % 16 == 0 && u.is_contiguous() &&
                   u.scalar_type() == at::kFloat,
               "u: expected (36, ", in_channels, ", C_out) with C_out a multiple of 16, got ", u.sizes());
   const int64_t out_channels = u.size(2);
   at::Tensor out = at::empty({n_rows, height, width, out_channels}, x.options());
-  const float *xp = x.data_ptr<float>(), *up = u.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t tile_rows = height / 4, tile_columns = width / 4;
   const std::vector<float> zeros(out_channels, 0.0f);
@@ -700,7 +725,7 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u) {
         const int64_t count = std::min<int64_t>(kWinogradTiles, tile_columns - tx0);
         // v: (36, tiles, C_in); m: (36, tiles, C_out).
         for (int64_t q = 0; q < count; ++q) {
-          winograd_input_tile(xp, height, width, in_channels, n, 4 * ty - 1, 4 * (tx0 + q) - 1, v.data() + q * in_channels,
+          winograd_input_tile(parts, n_parts, height, width, n, 4 * ty - 1, 4 * (tx0 + q) - 1, v.data() + q * in_channels,
                               kWinogradTiles * in_channels);
         }
         for (int xi = 0; xi < 36; ++xi) {
@@ -753,7 +778,7 @@ TORCH_LIBRARY(sed_cpu, m) {
       "pointwise_mlp(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, "
       "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
-  m.def("winograd_conv3x3(Tensor x, Tensor u) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor? x2, Tensor u) -> Tensor");
   m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out, int offset) -> ()");
 }
 

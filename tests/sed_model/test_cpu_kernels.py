@@ -184,6 +184,23 @@ def test_winograd_conv_is_the_3x3_convolution(in_channels, out_channels, size):
     assert (y.double() - exact).abs().max() <= 16 * direct_error
 
 
+@pytest.mark.parametrize("first_channels, second_channels", [(24, 8), (48, 16), (8, 8)])
+def test_winograd_conv_reads_two_maps_as_their_concatenation(first_channels, second_channels):
+    """The fusion conv's input in two maps (up-sampled, correlation): the same as one concatenated map."""
+    torch.manual_seed(first_channels)
+    x, second = channels_last(torch.randn(3, first_channels, 8, 12)), channels_last(torch.randn(3, second_channels, 8, 12))
+    conv = torch.nn.Conv2d(first_channels + second_channels, 16, 3, padding=1, bias=False)
+    with torch.no_grad():
+        concatenated = channels_last(torch.cat([x, second], dim=1))
+        assert cpu_kernels.winograd_usable(x, conv.weight, second)
+        y = cpu_kernels.winograd_conv3x3(x, conv.weight, conv, second)
+        assert torch.equal(y, cpu_kernels.winograd_conv3x3(concatenated, conv.weight, conv))
+        assert not cpu_kernels.winograd_usable(x, conv.weight)  # the channels do not add up
+        assert not cpu_kernels.winograd_usable(x, conv.weight, second[:2])  # other rows
+        assert not cpu_kernels.winograd_usable(x, conv.weight, second.contiguous())  # NCHW
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_winograd_weights_follow_in_place_updates_and_the_weight_used():
     conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
     x = channels_last(torch.randn(1, 32, 4, 4))
