@@ -461,7 +461,8 @@ class SEDDecoder(nn.Module):
             height, width = appearance_term.shape[-2:]
             if not last:
                 stores = _chunk_stores(spans, (stage.conv.double_conv[3].out_channels, height, width), appearance_term)
-            # One concatenation buffer for all chunks: at the last stage it passes glibc's mmap
+            # One buffer for the fusion conv's input (the concatenation; with the CPU kernels only
+            # the up-sampled map) for all chunks: at the last stage it passes glibc's mmap
             # threshold, and a fresh one per chunk cost ~4,000 page faults each (measured at T=64).
             largest_chunk = max(end - first for _, first, end in spans)
             per_class_channels = stage.conv.double_conv[0].in_channels - stage.guidance_channels
