@@ -568,12 +568,10 @@ at::Tensor single_channel_conv3x3(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // ---------------------------------------------------------------------------------------------
-// A 2x2 transposed convolution with stride 2 (optionally + ReLU) written straight into channels
-// [offset, offset + C_out) of a wider channels-last map: the up-stages' up-sampling and correlation
-// guidance land where the fusion convolution reads them, with no concatenation copy. Each input
-// pixel is one row of a product with the (C_in, 2 x 2 x C_out) weight.
-void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool apply_relu, at::Tensor& out,
-                             int64_t offset) {
+// A 2x2 transposed convolution with stride 2 (optionally + ReLU) written into a given channels-last
+// map: the up-stages' up-sampling, into memory the decoder keeps for all chunks. Each input pixel
+// is one row of a product with the (C_in, 2 x 2 x C_out) weight.
+void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool apply_relu, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
   const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2), k_len = x.size(3);
@@ -582,12 +580,9 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
               "weight: expected (", k_len, ", 4 x C_out) with C_out a multiple of 4, got ", weight.sizes());
   const int64_t columns = weight.size(1), out_channels = columns / 4;
   TORCH_CHECK(bias.numel() == columns && bias.is_contiguous() && bias.scalar_type() == at::kFloat, "bias: expected ", columns, " values");
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == n_rows && out.size(1) == 2 * height && out.size(2) == 2 * width && out.scalar_type() == at::kFloat &&
-                  out.stride(3) == 1 && out.stride(2) == out.size(3) && out.stride(1) == out.size(3) * out.size(2) &&
-                  out.stride(0) == out.size(3) * out.size(2) * out.size(1),
-              "out: expected a contiguous (", n_rows, ", ", 2 * height, ", ", 2 * width, ", C) tensor, got ", out.sizes());
-  const int64_t out_width = out.size(3);
-  TORCH_CHECK(offset >= 0 && offset + out_channels <= out_width, "offset: ", out_channels, " channels at ", offset, " do not fit in ", out_width);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == n_rows && out.size(1) == 2 * height && out.size(2) == 2 * width &&
+                  out.size(3) == out_channels && out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "out: expected a contiguous (", n_rows, ", ", 2 * height, ", ", 2 * width, ", ", out_channels, ") tensor, got ", out.sizes());
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n_rows * height, 1, [&](int64_t begin, int64_t end) {
@@ -609,7 +604,7 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
         for (int64_t q = 0; q < count; ++q) {
           for (int a = 0; a < 2; ++a) {
             for (int b = 0; b < 2; ++b) {
-              float* target = op + ((n * 2 * height + 2 * i + a) * 2 * width + 2 * (j0 + q) + b) * out_width + offset;
+              float* target = op + ((n * 2 * height + 2 * i + a) * 2 * width + 2 * (j0 + q) + b) * out_channels;
               const float* source = products.data() + q * columns + (a * 2 + b) * out_channels;
               int64_t c = 0;
               for (; c + 8 <= out_channels; c += 8) store8(target + c, load8(source + c));
@@ -779,7 +774,7 @@ TORCH_LIBRARY(sed_cpu, m) {
       "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor? x2, Tensor u) -> Tensor");
-  m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out, int offset) -> ()");
+  m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sed_cpu, CPU, m) {
