@@ -36,6 +36,40 @@ inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
+// The products' vectors (the micro-kernel below, its activations and its stores): the widest the
+// build's instruction set has. With AVX-512 they are 16 floats, which doubles the multiplications
+// per instruction on CPUs whose FMA units are 512 bits wide (AMD Zen 5: oneDNN's 3x3 convolution
+// reaches ~500 GFLOP/s on two cores, the 8-float kernels half of that); the memory-bound kernels
+// keep 8-float vectors, which every SED channel count divides.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+static_assert(16 % kLanes == 0, "the kernels' widths are multiples of 16 floats");
+typedef float vwf __attribute__((vector_size(4 * kLanes)));
+
+template <typename V>
+inline V load_as(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vwf loadw(const float* p) { return load_as<vwf>(p); }
+
+template <typename V>
+inline void store_as(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline void storew(float* p, vwf v) { store_as(p, v); }
+
+template <typename V>
+inline V splat_as(float x) {
+  return x - V{};  // a broadcast: x - 0 is x for every x (x + 0 is not for x = -0, so it would be computed)
+}
+
 // A float buffer aligned to a cache line, so that no vector load or store of a multiple of 8
 // floats from its start straddles two lines (std::vector's 16-byte alignment splits every other one).
 class AlignedFloats {
@@ -329,70 +363,101 @@ constexpr int64_t kTileRows = 48;
 constexpr int kMicroRows = 6;
 
 // erf as a rational function of x (Eigen's and XLA's float erf; absolute error < 5e-7): no exp.
-inline v8f erf(v8f x) {
-  x = x < splat(-4.0f) ? splat(-4.0f) : x;
-  x = x > splat(4.0f) ? splat(4.0f) : x;
-  const v8f x2 = x * x;
-  v8f p = splat(-2.72614225801306e-10f);
-  p = p * x2 + splat(2.77068142495902e-08f);
-  p = p * x2 + splat(-2.10102402082508e-06f);
-  p = p * x2 + splat(-5.69250639462346e-05f);
-  p = p * x2 + splat(-7.34990630326855e-04f);
-  p = p * x2 + splat(-2.95459980854025e-03f);
-  p = p * x2 + splat(-1.60960333262415e-02f);
-  v8f q = splat(-1.45660718464996e-05f);
-  q = q * x2 + splat(-2.13374055278905e-04f);
-  q = q * x2 + splat(-1.68282697438203e-03f);
-  q = q * x2 + splat(-7.37332916720468e-03f);
-  q = q * x2 + splat(-1.42647390514189e-02f);
+template <typename V>
+inline V erf(V x) {
+  x = x < splat_as<V>(-4.0f) ? splat_as<V>(-4.0f) : x;
+  x = x > splat_as<V>(4.0f) ? splat_as<V>(4.0f) : x;
+  const V x2 = x * x;
+  V p = splat_as<V>(-2.72614225801306e-10f);
+  p = p * x2 + splat_as<V>(2.77068142495902e-08f);
+  p = p * x2 + splat_as<V>(-2.10102402082508e-06f);
+  p = p * x2 + splat_as<V>(-5.69250639462346e-05f);
+  p = p * x2 + splat_as<V>(-7.34990630326855e-04f);
+  p = p * x2 + splat_as<V>(-2.95459980854025e-03f);
+  p = p * x2 + splat_as<V>(-1.60960333262415e-02f);
+  V q = splat_as<V>(-1.45660718464996e-05f);
+  q = q * x2 + splat_as<V>(-2.13374055278905e-04f);
+  q = q * x2 + splat_as<V>(-1.68282697438203e-03f);
+  q = q * x2 + splat_as<V>(-7.37332916720468e-03f);
+  q = q * x2 + splat_as<V>(-1.42647390514189e-02f);
   return x * p / q;
 }
 
-inline v8f gelu(v8f x) { return splat(0.5f) * x * (splat(1.0f) + erf(x * splat(0.70710678118654752f))); }
+template <typename V>
+inline V gelu(V x) { return splat_as<V>(0.5f) * x * (splat_as<V>(1.0f) + erf<V>(x * splat_as<V>(0.70710678118654752f))); }
 
-inline v8f relu(v8f x) { return x > splat(0.0f) ? x : splat(0.0f); }
+template <typename V>
+inline V relu(V x) { return x > splat_as<V>(0.0f) ? x : splat_as<V>(0.0f); }
 
-// acc[r] = a[r, :k_len] . b[:k_len, 16 columns] + bias, for MR rows (b's rows `ldb` apart).
-template <int MR>
-inline void micro_16(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k_len, const float* bias, v8f (&acc)[MR][2]) {
-  const v8f bias0 = load8(bias), bias1 = load8(bias + 8);
-  for (int r = 0; r < MR; ++r) {
-    acc[r][0] = bias0;
-    acc[r][1] = bias1;
+// acc[r][v] = a[r, :k_len] . b[:k_len, NV vectors of columns] + bias, for MR rows (b's rows `ldb`
+// apart). MR x NV accumulators hide the products' latency for MR = 6 and NV = 2; a one-vector
+// panel sums even and odd k apart for as many independent chains.
+template <int MR, int NV>
+inline void micro_panel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k_len, const float* bias, vwf (&acc)[MR][NV]) {
+  for (int v = 0; v < NV; ++v) {
+    const vwf bias_v = loadw(bias + kLanes * v);
+    for (int r = 0; r < MR; ++r) acc[r][v] = bias_v;
+  }
+  if constexpr (NV == 1) {
+    vwf odd[MR];
+    for (int r = 0; r < MR; ++r) odd[r] = vwf{};
+    int64_t k = 0;
+    for (; k + 1 < k_len; k += 2) {
+      const vwf b0 = loadw(b + k * ldb), b1 = loadw(b + (k + 1) * ldb);
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] += splat_as<vwf>(a[r * lda + k]) * b0;
+        odd[r] += splat_as<vwf>(a[r * lda + k + 1]) * b1;
+      }
+    }
+    if (k < k_len) {
+      const vwf b0 = loadw(b + k * ldb);
+      for (int r = 0; r < MR; ++r) acc[r][0] += splat_as<vwf>(a[r * lda + k]) * b0;
+    }
+    for (int r = 0; r < MR; ++r) acc[r][0] += odd[r];
+    return;
   }
   for (int64_t k = 0; k < k_len; ++k) {
-    const v8f b0 = load8(b + k * ldb), b1 = load8(b + k * ldb + 8);
+    vwf bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = loadw(b + k * ldb + kLanes * v);
     for (int r = 0; r < MR; ++r) {
-      const v8f ar = splat(a[r * lda + k]);
-      acc[r][0] += ar * b0;
-      acc[r][1] += ar * b1;
+      const vwf ar = splat_as<vwf>(a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bk[v];
     }
   }
 }
 
-// Hidden columns j..j+15 of MR rows.
-template <int MR>
+// body(nv, c) for the panels of `columns` (a multiple of 16) that micro_panel computes: two vectors
+// wide, and one vector wide for the last 16 columns where 32-column panels do not divide them.
+template <typename Body>
+void for_column_panels(int64_t columns, Body&& body) {
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= columns; c += 2 * kLanes) body(std::integral_constant<int, 2>{}, c);
+  for (; c < columns; c += kLanes) body(std::integral_constant<int, 1>{}, c);
+}
+
+// Hidden columns j.. of MR rows (NV vectors).
+template <int MR, int NV>
 void hidden_panel(const float* x, int64_t k_len, const float* w1t, const float* b1, int64_t hidden, int64_t j, float* h, bool use_gelu) {
-  v8f acc[MR][2];
-  micro_16<MR>(x, k_len, w1t + j, hidden, k_len, b1 + j, acc);
+  vwf acc[MR][NV];
+  micro_panel<MR, NV>(x, k_len, w1t + j, hidden, k_len, b1 + j, acc);
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < 2; ++v) store8(h + r * hidden + j + 8 * v, use_gelu ? gelu(acc[r][v]) : relu(acc[r][v]));
+    for (int v = 0; v < NV; ++v) storew(h + r * hidden + j + kLanes * v, use_gelu ? gelu(acc[r][v]) : relu(acc[r][v]));
   }
 }
 
-// Output columns j..j+15 of MR rows, with the layer scale and the residual.
-template <int MR>
+// Output columns j.. of MR rows (NV vectors), with the layer scale and the residual.
+template <int MR, int NV>
 void output_panel(const float* h, int64_t hidden, const float* w2t, const float* b2, int64_t channels, int64_t j, const float* residual,
                   const float* scale, float* out) {
-  v8f acc[MR][2];
-  micro_16<MR>(h, hidden, w2t + j, channels, hidden, b2 + j, acc);
+  vwf acc[MR][NV];
+  micro_panel<MR, NV>(h, hidden, w2t + j, channels, hidden, b2 + j, acc);
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < 2; ++v) {
-      const int64_t at = r * channels + j + 8 * v;
-      v8f y = acc[r][v];
-      if (scale) y = y * load8(scale + j + 8 * v);
-      if (residual) y = y + load8(residual + at);
-      store8(out + at, y);
+    for (int v = 0; v < NV; ++v) {
+      const int64_t at = r * channels + j + kLanes * v;
+      vwf y = acc[r][v];
+      if (scale) y = y * loadw(scale + j + kLanes * v);
+      if (residual) y = y + loadw(residual + at);
+      storew(out + at, y);
     }
   }
 }
@@ -498,17 +563,19 @@ void pointwise_mlp(const at::Tensor& x, const std::optional<at::Tensor>& norm_we
       }
       // Weight panels outside, row blocks inside: each 16-column panel is read from memory once
       // per tile and stays in L1 while the tile's rows pass.
-      for (int64_t j = 0; j < hidden; j += 16) {
+      for_column_panels(hidden, [&](auto nv, int64_t j) {
         for_micro_rows(count, [&](auto mr, int64_t r) {
-          hidden_panel<decltype(mr)::value>(input + r * k_len, k_len, w1p, b1p, hidden, j, h.data() + r * hidden, use_gelu);
+          hidden_panel<decltype(mr)::value, decltype(nv)::value>(input + r * k_len, k_len, w1p, b1p, hidden, j, h.data() + r * hidden,
+                                                                 use_gelu);
         });
-      }
-      for (int64_t j = 0; j < channels; j += 16) {
+      });
+      for_column_panels(channels, [&](auto nv, int64_t j) {
         for_micro_rows(count, [&](auto mr, int64_t r) {
           const int64_t at = (first + r) * channels;
-          output_panel<decltype(mr)::value>(h.data() + r * hidden, hidden, w2p, b2p, channels, j, rp ? rp + at : nullptr, sp, op + at);
+          output_panel<decltype(mr)::value, decltype(nv)::value>(h.data() + r * hidden, hidden, w2p, b2p, channels, j,
+                                                                 rp ? rp + at : nullptr, sp, op + at);
         });
-      }
+      });
     }
   });
 }
@@ -593,13 +660,16 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
         const int64_t count = std::min<int64_t>(kMicroRows, width - j0);
         for_micro_rows(count, [&](auto mr, int64_t r) {
           constexpr int MR = decltype(mr)::value;
-          for (int64_t c = 0; c < columns; c += 16) {
-            v8f acc[MR][2];
-            micro_16<MR>(xp + (row * width + j0 + r) * k_len, k_len, wp + c, columns, k_len, bp + c, acc);
+          for_column_panels(columns, [&](auto nv, int64_t c) {
+            constexpr int NV = decltype(nv)::value;
+            vwf acc[MR][NV];
+            micro_panel<MR, NV>(xp + (row * width + j0 + r) * k_len, k_len, wp + c, columns, k_len, bp + c, acc);
             for (int q = 0; q < MR; ++q) {
-              for (int v = 0; v < 2; ++v) store8(products.data() + (r + q) * columns + c + 8 * v, apply_relu ? relu(acc[q][v]) : acc[q][v]);
+              for (int v = 0; v < NV; ++v) {
+                storew(products.data() + (r + q) * columns + c + kLanes * v, apply_relu ? relu(acc[q][v]) : acc[q][v]);
+              }
             }
-          }
+          });
         });
         for (int64_t q = 0; q < count; ++q) {
           for (int a = 0; a < 2; ++a) {
@@ -628,24 +698,26 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
 constexpr int kWinogradTiles = kMicroRows;
 
 // B^T e for the six values of one row or column of an input tile.
-inline void winograd_input_transform(const v8f (&e)[6], v8f (&out)[6]) {
-  const v8f a = e[4] - splat(4.0f) * e[2], b = e[3] - splat(4.0f) * e[1];
-  const v8f c = e[4] - e[2], d = splat(2.0f) * (e[3] - e[1]);
-  out[0] = splat(4.0f) * e[0] - splat(5.0f) * e[2] + e[4];
+template <typename V>
+inline void winograd_input_transform(const V (&e)[6], V (&out)[6]) {
+  const V a = e[4] - 4.0f * e[2], b = e[3] - 4.0f * e[1];
+  const V c = e[4] - e[2], d = 2.0f * (e[3] - e[1]);
+  out[0] = 4.0f * e[0] - 5.0f * e[2] + e[4];
   out[1] = a + b;
   out[2] = a - b;
   out[3] = c + d;
   out[4] = c - d;
-  out[5] = splat(4.0f) * e[1] - splat(5.0f) * e[3] + e[5];
+  out[5] = 4.0f * e[1] - 5.0f * e[3] + e[5];
 }
 
 // A^T e (four values) for the six values of one row or column of a product tile.
-inline void winograd_output_transform(const v8f (&e)[6], v8f (&out)[4]) {
-  const v8f p = e[1] + e[2], n = e[1] - e[2], pp = e[3] + e[4], nn = e[3] - e[4];
+template <typename V>
+inline void winograd_output_transform(const V (&e)[6], V (&out)[4]) {
+  const V p = e[1] + e[2], n = e[1] - e[2], pp = e[3] + e[4], nn = e[3] - e[4];
   out[0] = e[0] + p + pp;
-  out[1] = n + splat(2.0f) * nn;
-  out[2] = p + splat(4.0f) * pp;
-  out[3] = n + splat(8.0f) * nn + e[5];
+  out[1] = n + 2.0f * nn;
+  out[2] = p + 4.0f * pp;
+  out[3] = n + 8.0f * nn + e[5];
 }
 
 // One map a 3x3 convolution reads: the convolution's input is the channel concatenation of one
@@ -655,34 +727,44 @@ struct ConvInput {
   int64_t channels;
 };
 
+// B^T d B for the channels c0.. (one vector V of them) of the 6x6 input tile at (top, left) of map
+// `x` (zero outside it), into v[xi * v_stride] for xi = 6 * row + column.
+template <typename V>
+inline void winograd_input_channels(const float* x, int64_t channels, int64_t c0, int64_t height, int64_t width, int64_t n, int64_t top,
+                                    int64_t left, bool inside, float* v, int64_t v_stride) {
+  // Columns first (B^T d), each column's inputs dead before the next is loaded, then rows.
+  V t[6][6];
+  for (int q = 0; q < 6; ++q) {
+    V column[6], transformed[6];
+    for (int r = 0; r < 6; ++r) {
+      const int64_t y = top + r, xx = left + q;
+      const bool in_map = inside || (y >= 0 && y < height && xx >= 0 && xx < width);
+      column[r] = in_map ? load_as<V>(x + ((n * height + y) * width + xx) * channels + c0) : V{};
+    }
+    winograd_input_transform(column, transformed);
+    for (int r = 0; r < 6; ++r) t[r][q] = transformed[r];
+  }
+  for (int r = 0; r < 6; ++r) {
+    V transformed[6];
+    winograd_input_transform(t[r], transformed);
+    for (int q = 0; q < 6; ++q) store_as(v + (6 * r + q) * v_stride + c0, transformed[q]);
+  }
+}
+
 inline void winograd_input_tile(const ConvInput* parts, int n_parts, int64_t height, int64_t width, int64_t n, int64_t top, int64_t left,
                                 float* v, int64_t v_stride) {
-  // v[xi * v_stride + c] for xi = 6 * row + column of B^T d B, c over the parts' channels in turn.
+  // v[xi * v_stride + c] for xi = 6 * row + column of B^T d B, c over the parts' channels in turn:
+  // wide vectors of channels, then 8 at a time for the rest (the parts' widths are multiples of 8).
   const bool inside = top >= 0 && top + 6 <= height && left >= 0 && left + 6 <= width;
-  int64_t first_channel = 0;
   for (int part = 0; part < n_parts; ++part) {
     const float* x = parts[part].data;
     const int64_t channels = parts[part].channels;
-    for (int64_t c0 = 0; c0 < channels; c0 += 8) {
-      // Columns first (B^T d), each column's inputs dead before the next is loaded, then rows.
-      v8f t[6][6];
-      for (int q = 0; q < 6; ++q) {
-        v8f column[6], transformed[6];
-        for (int r = 0; r < 6; ++r) {  // zero padding outside the map
-          const int64_t y = top + r, xx = left + q;
-          const bool in_map = inside || (y >= 0 && y < height && xx >= 0 && xx < width);
-          column[r] = in_map ? load8(x + ((n * height + y) * width + xx) * channels + c0) : splat(0.0f);
-        }
-        winograd_input_transform(column, transformed);
-        for (int r = 0; r < 6; ++r) t[r][q] = transformed[r];
-      }
-      for (int r = 0; r < 6; ++r) {
-        v8f transformed[6];
-        winograd_input_transform(t[r], transformed);
-        for (int q = 0; q < 6; ++q) store8(v + (6 * r + q) * v_stride + first_channel + c0, transformed[q]);
-      }
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= channels; c0 += kLanes) {
+      winograd_input_channels<vwf>(x, channels, c0, height, width, n, top, left, inside, v, v_stride);
     }
-    first_channel += channels;
+    for (; c0 < channels; c0 += 8) winograd_input_channels<v8f>(x, channels, c0, height, width, n, top, left, inside, v, v_stride);
+    v += channels;
   }
 }
 
@@ -728,32 +810,32 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>
           float* mx = m.data() + xi * kWinogradTiles * out_channels;
           for_micro_rows(count, [&](auto mr, int64_t r) {
             constexpr int MR = decltype(mr)::value;
-            for (int64_t c = 0; c < out_channels; c += 16) {
-              v8f acc[MR][2];
-              micro_16<MR>(a + r * in_channels, in_channels, up + xi * in_channels * out_channels + c, out_channels, in_channels, zeros.data(),
-                           acc);
+            for_column_panels(out_channels, [&](auto nv, int64_t c) {
+              constexpr int NV = decltype(nv)::value;
+              vwf acc[MR][NV];
+              micro_panel<MR, NV>(a + r * in_channels, in_channels, up + xi * in_channels * out_channels + c, out_channels, in_channels,
+                                  zeros.data(), acc);
               for (int q = 0; q < MR; ++q) {
-                store8(mx + (r + q) * out_channels + c, acc[q][0]);
-                store8(mx + (r + q) * out_channels + c + 8, acc[q][1]);
+                for (int v = 0; v < NV; ++v) storew(mx + (r + q) * out_channels + c + kLanes * v, acc[q][v]);
               }
-            }
+            });
           });
         }
         // y = A^T m A: columns first, then rows.
         for (int64_t q = 0; q < count; ++q) {
-          for (int64_t c = 0; c < out_channels; c += 8) {
-            v8f t[4][6];
+          for (int64_t c = 0; c < out_channels; c += kLanes) {
+            vwf t[4][6];
             for (int k = 0; k < 6; ++k) {
-              v8f column[6], transformed[4];
-              for (int r = 0; r < 6; ++r) column[r] = load8(m.data() + ((6 * r + k) * kWinogradTiles + q) * out_channels + c);
+              vwf column[6], transformed[4];
+              for (int r = 0; r < 6; ++r) column[r] = loadw(m.data() + ((6 * r + k) * kWinogradTiles + q) * out_channels + c);
               winograd_output_transform(column, transformed);
               for (int r = 0; r < 4; ++r) t[r][k] = transformed[r];
             }
             for (int r = 0; r < 4; ++r) {
-              v8f transformed[4];
+              vwf transformed[4];
               winograd_output_transform(t[r], transformed);
               float* target = op + ((n * height + 4 * ty + r) * width + 4 * (tx0 + q)) * out_channels + c;
-              for (int j = 0; j < 4; ++j) store8(target + j * out_channels, transformed[j]);
+              for (int j = 0; j < 4; ++j) storew(target + j * out_channels, transformed[j]);
             }
           }
         }

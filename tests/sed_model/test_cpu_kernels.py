@@ -112,6 +112,17 @@ def test_mlp_with_residual_and_scale(activation, channels, positions):
         torch.testing.assert_close(residual, expected, atol=3e-6, rtol=1e-5)
 
 
+def test_mlp_from_an_odd_number_of_channels():
+    """17 -> 48 -> 16: products over an odd number of inputs into 16- and 48-column panels."""
+    torch.manual_seed(17)
+    fc1, fc2 = torch.nn.Linear(17, 48), torch.nn.Linear(48, 16)
+    x = channels_last(torch.randn(2, 17, 5, 3))
+    with torch.no_grad():
+        expected = fc2(F.gelu(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        assert cpu_kernels.mlp_usable(x, fc1, fc2)
+        torch.testing.assert_close(cpu_kernels.pointwise_mlp(x, fc1, "gelu", fc2), expected, atol=3e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_mlp_with_its_layer_norm_in_place(activation):
     """The LayerNorm before the MLP inside the kernel, written over its own input (`ClassAttention`)."""
@@ -139,7 +150,8 @@ def test_single_channel_head(channels, size):
         assert not cpu_kernels.head_usable(x, torch.nn.Conv2d(channels, 1, 3, padding=0))
 
 
-@pytest.mark.parametrize("in_channels, out_channels, relu", [(32, 24, False), (16, 8, True), (64, 4, False)])
+# 15 -> 4: 16 columns of products over an odd number of input channels (the one-vector panel's tail)
+@pytest.mark.parametrize("in_channels, out_channels, relu", [(32, 24, False), (16, 8, True), (64, 4, False), (15, 4, True)])
 def test_transposed_conv_into_a_given_map(in_channels, out_channels, relu):
     torch.manual_seed(out_channels)
     up = torch.nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
