@@ -16,6 +16,7 @@ from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
+from . import cpu_kernels
 from .layout import activation_name, channel_norm, channels_last, pointwise, pointwise_mlp
 
 
@@ -76,7 +77,9 @@ class CLIPBackbone(nn.Module):
 
 
 def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's `ConvNeXtBlock` in evaluation, with its MLP run through `layout.pointwise_mlp`.
+    """timm's `ConvNeXtBlock` in evaluation, with its MLP run through `layout.pointwise_mlp`, or
+    where the fused MLP kernel takes it (ConvNeXt-B's first stage, 128 channels) through
+    `cpu_kernels.pointwise_mlp` with the LayerNorm, layer scale and residual inside.
 
     The same parameters and the same function (stochastic depth and dropout are off in evaluation);
     only the route to the kernels differs (`layout.py`). Other block types run as they are.
@@ -84,8 +87,14 @@ def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mlp = getattr(block, "mlp", None)
     if not isinstance(block, ConvNeXtBlock) or block.use_conv_mlp or type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
         return block(x)
-    y = channel_norm(block.conv_dw(x), block.norm)
+    y = block.conv_dw(x)
     activation = activation_name(mlp.act)
+    # Measured on a 2-core AMD EPYC (Zen 5): the 128 -> 512 -> 128 MLP at 192x192 1.26x faster
+    # than oneDNN's products (313 against 394 GFLOP/s); from 256 channels on oneDNN's are as fast.
+    fused = activation == "gelu" and isinstance(block.norm, nn.LayerNorm) and block.gamma is not None and isinstance(block.shortcut, nn.Identity)
+    if fused and cpu_kernels.mlp_usable(y, mlp.fc1, mlp.fc2) and x.is_contiguous(memory_format=torch.channels_last):
+        return cpu_kernels.pointwise_mlp(y, mlp.fc1, "gelu", mlp.fc2, residual=x, scale=block.gamma, out=y, norm=block.norm)
+    y = channel_norm(y, block.norm)
     if activation:
         y = pointwise_mlp(y, mlp.fc1, activation, mlp.fc2)
     else:
