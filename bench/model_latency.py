@@ -21,6 +21,12 @@
    label equals float32's, on the shared tiny fixtures (`../shared/reference`, if present) and on
    the random ConvNeXt-B. Off by default: a CPU without native bfloat16 (AVX512-BF16 or AMX) runs it
    many times slower than float32.
+
+Each timing is the median of `--repeats` runs after `--warmups` untimed ones (default 2): a
+process's first images are slower while its heap grows to its working size (measured on a 2-core
+AMD EPYC at T=150, the decoder's first three calls 2.2, 1.9 and 1.6 s, then 1.5-1.6 s, with
+41,000, 34,000, 4,000 and then ~550 page faults per call), and a labelling worker spends its life
+in that steady state.
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[150, 459, 847], help="taxonomy sizes T")
     parser.add_argument("--kept-share", type=float, default=0.1, help="share of classes the early rows keep after head0")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-ups (median)")
+    parser.add_argument(
+        "--warmups", type=int, default=2, help="untimed runs first: a process's first images grow its heap (see the module's docstring)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--bfloat16", type=int, default=None, metavar="T", help="also measure bfloat16 at T classes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -56,9 +65,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
-def _timed(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds of `repeats` runs after one warm-up, and the last result."""
-    result = run()
+def _timed(run: Callable[[], Any], repeats: int, warmups: int = 1) -> tuple[float, Any]:
+    """Median seconds of `repeats` runs after `warmups` untimed ones, and the last result."""
+    for _ in range(warmups):
+        result = run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -200,10 +210,10 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with torch.inference_mode():
         with autocast:
-            backbone_s, features = _timed(lambda: model.dense_features(image), args.repeats)
+            backbone_s, features = _timed(lambda: model.dense_features(image), args.repeats, args.warmups)
             cost = sed_model.cost_volume(features["clip_vis_dense"], text)
             appearance = (features["res4"], features["res3"], features["res2"])
-            decoder_s, outputs = _timed(lambda: model.decoder(cost, appearance, model.pooling, top_k), args.repeats)
+            decoder_s, outputs = _timed(lambda: model.decoder(cost, appearance, model.pooling, top_k), args.repeats, args.warmups)
         result = {
             "mode": mode,
             "limit_gflops": max(limit_before, _conv_limit()),
@@ -243,7 +253,7 @@ def _report(args: argparse.Namespace, limits: dict[str, Any], results: list[dict
         print(f"  bfloat16 limit {bf16:.0f} GFLOP/s (the fastest bfloat16 kernel)")
     print()
     print("SED ConvNeXt-B, random weights, one 768x768 image, median of "
-          f"{args.repeats} run(s) after a warm-up; early = {args.kept_share:.0%} of the classes kept after head0")
+          f"{args.repeats} run(s) after {args.warmups} warm-up(s); early = {args.kept_share:.0%} of the classes kept after head0")
     header = (
         f"{'T':>4} {'mode':<6} {'precision':<9} {'kept':>5} {'backbone':>9} {'decoder':>9} {'total':>9} {'GFLOP/s':>8} "
         f"{'limit':>6} {'/limit':>7} {'peak RSS':>9}"

@@ -236,7 +236,8 @@ class ClassAttention(nn.Module):
         return self.attention.class_sums(channel_norm(self._pool(x, pooling), self.norm1), running)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, pooling: int) -> torch.Tensor:
-        """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`."""
+        """Second pass: attention with the image's complete sums, MLP, the pooled result added to `x`
+        (in inference written over `x`, which the caller gives up)."""
         y = self._pool(x, pooling)
         y = self.attention(channel_norm(y, self.norm1), kv, k_sum, residual=y)
         if cpu_kernels.mlp_usable(y, self.MLP[0], self.MLP[2]):
@@ -245,8 +246,9 @@ class ClassAttention(nn.Module):
             y = y + pointwise_mlp(channel_norm(y, self.norm2), self.MLP[0], "relu", self.MLP[2])
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
-        # The paper adds the whole pooled result (not only the attention update) back to x.
-        return x + y
+        # The paper adds the whole pooled result (not only the attention update) back to x; in
+        # inference over x, which the caller gives up (no new map per chunk: 9 MB at the last stage).
+        return x + y if torch.is_grad_enabled() else x.add_(y)
 
 
 def group_norm_relu(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
