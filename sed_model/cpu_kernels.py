@@ -116,16 +116,20 @@ def linear_attention(q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, res
     return torch.ops.sed_cpu.linear_attention(q.contiguous(), kv, k_sum, residual.contiguous(), eps)
 
 
-def group_norm_relu(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def group_norm_relu(
+    x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None, out: torch.Tensor, moments: torch.Tensor | None = None
+) -> torch.Tensor:
     """`relu(norm(x + add))` into `out` (which may be `x`) for channels-last `(N, C, H, W)` maps;
-    `add` is `(1, C, H, W)`, the same for every row, or None."""
+    `add` is `(1, C, H, W)`, the same for every row, or None. `moments`: `x + add`'s per row and
+    channel sums and sums of squares `(N, 2, C)` in float64 if known (`winograd_conv3x3` makes
+    them), which saves a pass over `x`."""
     n, channels, height, width = x.shape
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # a view for a channels-last map
         return t.permute(0, 2, 3, 1).view(t.shape[0], height * width, channels)
 
     torch.ops.sed_cpu.group_norm_relu(
-        rows(x), None if add is None else rows(add), norm.num_groups, norm.weight, norm.bias, norm.eps, rows(out)
+        rows(x), None if add is None else rows(add), norm.num_groups, norm.weight, norm.bias, norm.eps, rows(out), moments
     )
     return out
 
@@ -299,9 +303,19 @@ def winograd_usable(x: torch.Tensor, weight: torch.Tensor, second: torch.Tensor 
     )
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | None = None, second: torch.Tensor | None = None) -> torch.Tensor:
+def winograd_conv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    owner: nn.Module | None = None,
+    second: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    moments: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`F.conv2d(x, weight, padding=1)` (no bias) by Winograd's F(4x4, 3x3); channels-last out.
     With `second`, the input is `torch.cat([x, second], dim=1)`, read from the two maps (no copy).
+    With `add` (a channels-last `(1, C_out, H, W)` map), that map is added to every row's output.
+    With `moments` (`(N, 2, C_out)` float64), the output's per row and channel sums and sums of
+    squares are written there, for `group_norm_relu`.
 
     With `owner` (the module whose weight `weight` is, or is made from), the transformed weight
     is kept per weight version instead of being made on each call.
@@ -315,5 +329,6 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Module | N
         if key is not None:
             _winograd_weights[owner] = cached
     second_nhwc = None if second is None else second.permute(0, 2, 3, 1)
-    y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), second_nhwc, cached[1])
+    add_nhwc = None if add is None else add.permute(0, 2, 3, 1)
+    y = torch.ops.sed_cpu.winograd_conv3x3(x.permute(0, 2, 3, 1), second_nhwc, cached[1], add_nhwc, moments)
     return y.permute(0, 3, 1, 2)

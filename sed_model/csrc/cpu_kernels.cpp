@@ -17,8 +17,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -272,9 +274,11 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& kv, const at:
 }
 
 // out = relu(group_norm(x + add)) for channels-last maps viewed as (N, positions, C); `add` is
-// (positions, C) and the same for every row, or undefined. `out` may be `x`.
+// (positions, C) and the same for every row, or undefined. `out` may be `x`. `moments`, if given,
+// are x's per row and channel (N, 2, C) sums and sums of squares in double (x + add's, if `add`),
+// as the Winograd kernel makes them: then one pass over x instead of two.
 void group_norm_relu(const at::Tensor& x, const std::optional<at::Tensor>& add, int64_t groups, const at::Tensor& weight,
-                     const at::Tensor& bias, double eps, at::Tensor& out) {
+                     const at::Tensor& bias, double eps, at::Tensor& out, const std::optional<at::Tensor>& moments) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: expected a contiguous float32 CPU tensor (rows, positions, channels), got ", x.sizes());
   const int64_t n_rows = x.size(0), positions = x.size(1), channels = x.size(2);
@@ -292,6 +296,13 @@ void group_norm_relu(const at::Tensor& x, const std::optional<at::Tensor>& add, 
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t per_group = channels / groups;
+  const double* mp = nullptr;
+  if (moments.has_value() && moments->defined()) {
+    TORCH_CHECK(moments->dim() == 3 && moments->size(0) == n_rows && moments->size(1) == 2 && moments->size(2) == channels &&
+                    moments->scalar_type() == at::kDouble && moments->is_contiguous(),
+                "moments: expected contiguous float64 (", n_rows, ", 2, ", channels, "), got ", moments->sizes());
+    mp = moments->data_ptr<double>();
+  }
   // Per row and channel: the affine map that GroupNorm + its weight and bias amount to.
   std::vector<float> scale(n_rows * channels), shift(n_rows * channels);
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
@@ -299,21 +310,26 @@ void group_norm_relu(const at::Tensor& x, const std::optional<at::Tensor>& add, 
     for (int64_t n = begin; n < end; ++n) {
       std::fill(sum.begin(), sum.end(), 0.0);
       std::fill(squares.begin(), squares.end(), 0.0);
-      const float* row = xp + n * positions * channels;
-      for (int64_t p = 0; p < positions; ++p) {
-        const float* in = row + p * channels;
-        if (ap) {
-          const float* extra = ap + p * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const double value = in[c] + extra[c];
-            sum[c] += value;
-            squares[c] += value * value;
-          }
-        } else {
-          for (int64_t c = 0; c < channels; ++c) {
-            const double value = in[c];
-            sum[c] += value;
-            squares[c] += value * value;
+      if (mp) {
+        std::copy(mp + n * 2 * channels, mp + n * 2 * channels + channels, sum.begin());
+        std::copy(mp + n * 2 * channels + channels, mp + (n + 1) * 2 * channels, squares.begin());
+      } else {
+        const float* row = xp + n * positions * channels;
+        for (int64_t p = 0; p < positions; ++p) {
+          const float* in = row + p * channels;
+          if (ap) {
+            const float* extra = ap + p * channels;
+            for (int64_t c = 0; c < channels; ++c) {
+              const double value = in[c] + extra[c];
+              sum[c] += value;
+              squares[c] += value * value;
+            }
+          } else {
+            for (int64_t c = 0; c < channels; ++c) {
+              const double value = in[c];
+              sum[c] += value;
+              squares[c] += value * value;
+            }
           }
         }
       }
@@ -694,7 +710,9 @@ void transposed_conv2x2_into(const at::Tensor& x, const at::Tensor& weight, cons
 // (C_in x C_out) replace the direct convolution's 144 multiplications per tile; the transforms'
 // coefficients (up to 8 in A, 5 in B, 1/24 in G) round about 10x more than the direct kernel. The
 // input may be the channel concatenation of two maps, read where they are (the decoder's fusion
-// conv: the up-sampled map and the correlation guidance, never copied into one).
+// conv: the up-sampled map and the correlation guidance, never copied into one). It may add a map
+// that is the same for every row (the appearance term) and take the per row and channel moments
+// (sum, sum of squares) of what it writes, for the GroupNorm that follows (`group_norm_relu`).
 constexpr int kWinogradTiles = kMicroRows;
 
 // B^T e for the six values of one row or column of an input tile.
@@ -768,7 +786,8 @@ inline void winograd_input_tile(const ConvInput* parts, int n_parts, int64_t hei
   }
 }
 
-at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& u) {
+at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& u, const std::optional<at::Tensor>& add,
+                            const std::optional<at::Tensor>& moments) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: expected a contiguous float32 CPU tensor (N, H, W, C), got ", x.sizes());
   const int64_t n_rows = x.size(0), height = x.size(1), width = x.size(2);
@@ -789,13 +808,31 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>
                   u.scalar_type() == at::kFloat,
               "u: expected (36, ", in_channels, ", C_out) with C_out a multiple of 16, got ", u.sizes());
   const int64_t out_channels = u.size(2);
+  const float* ap = nullptr;
+  if (add.has_value() && add->defined()) {
+    TORCH_CHECK(add->numel() == height * width * out_channels && add->is_contiguous() && add->scalar_type() == at::kFloat,
+                "add: expected ", height, " x ", width, " x ", out_channels, " contiguous float32 values (H, W, C_out)");
+    ap = add->data_ptr<float>();
+  }
+  double* mp = nullptr;
+  if (moments.has_value() && moments->defined()) {
+    TORCH_CHECK(moments->dim() == 3 && moments->size(0) == n_rows && moments->size(1) == 2 && moments->size(2) == out_channels &&
+                    moments->scalar_type() == at::kDouble && moments->is_contiguous(),
+                "moments: expected contiguous float64 (", n_rows, ", 2, ", out_channels, "), got ", moments->sizes());
+    mp = moments->data_ptr<double>();
+  }
   at::Tensor out = at::empty({n_rows, height, width, out_channels}, x.options());
   const float* up = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t tile_rows = height / 4, tile_columns = width / 4;
   const std::vector<float> zeros(out_channels, 0.0f);
+  // Each task's moments apart, summed in the order of the tasks' first rows afterwards: the same
+  // result whichever thread finishes first.
+  std::vector<std::pair<int64_t, std::vector<double>>> task_moments;
+  std::mutex task_moments_mutex;
   at::parallel_for(0, n_rows * tile_rows, 1, [&](int64_t begin, int64_t end) {
     AlignedFloats v(36 * kWinogradTiles * in_channels), m(36 * kWinogradTiles * out_channels);
+    std::vector<double> own_moments(mp ? n_rows * 2 * out_channels : 0, 0.0);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / tile_rows, ty = row % tile_rows;
       for (int64_t tx0 = 0; tx0 < tile_columns; tx0 += kWinogradTiles) {
@@ -831,17 +868,43 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>
               winograd_output_transform(column, transformed);
               for (int r = 0; r < 4; ++r) t[r][k] = transformed[r];
             }
+            vwf tile_sum{}, tile_squares{};  // over the tile's 16 outputs, then into double
             for (int r = 0; r < 4; ++r) {
               vwf transformed[4];
               winograd_output_transform(t[r], transformed);
-              float* target = op + ((n * height + 4 * ty + r) * width + 4 * (tx0 + q)) * out_channels + c;
-              for (int j = 0; j < 4; ++j) storew(target + j * out_channels, transformed[j]);
+              const int64_t position = (4 * ty + r) * width + 4 * (tx0 + q);
+              float* target = op + (n * height * width + position) * out_channels + c;
+              for (int j = 0; j < 4; ++j) {
+                vwf y = transformed[j];
+                if (ap) y += loadw(ap + (position + j) * out_channels + c);
+                storew(target + j * out_channels, y);
+                tile_sum += y;
+                tile_squares += y * y;
+              }
+            }
+            if (mp) {
+              double* sums = own_moments.data() + n * 2 * out_channels + c;
+              for (int l = 0; l < kLanes; ++l) {
+                sums[l] += tile_sum[l];
+                sums[out_channels + l] += tile_squares[l];
+              }
             }
           }
         }
       }
     }
+    if (mp) {
+      std::lock_guard<std::mutex> lock(task_moments_mutex);
+      task_moments.emplace_back(begin, std::move(own_moments));
+    }
   });
+  if (mp) {
+    std::sort(task_moments.begin(), task_moments.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::fill(mp, mp + n_rows * 2 * out_channels, 0.0);
+    for (const auto& task : task_moments) {
+      for (int64_t i = 0; i < n_rows * 2 * out_channels; ++i) mp[i] += task.second[i];
+    }
+  }
   return out;
 }
 
@@ -850,12 +913,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>
 TORCH_LIBRARY(sed_cpu, m) {
   m.def("linear_attention_sums_(Tensor k, Tensor v, Tensor(a!) kv, Tensor(b!) k_sum) -> ()");
   m.def("linear_attention(Tensor q, Tensor kv, Tensor k_sum, Tensor residual, float eps) -> Tensor");
-  m.def("group_norm_relu(Tensor x, Tensor? add, int groups, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> ()");
+  m.def("group_norm_relu(Tensor x, Tensor? add, int groups, Tensor weight, Tensor bias, float eps, Tensor(a!) out, Tensor? moments) -> ()");
   m.def(
       "pointwise_mlp(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, "
       "str activation, Tensor? residual, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("single_channel_conv3x3(Tensor x, Tensor weight, Tensor bias) -> Tensor");
-  m.def("winograd_conv3x3(Tensor x, Tensor? x2, Tensor u) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor? x2, Tensor u, Tensor? add, Tensor(a!)? moments) -> Tensor");
   m.def("transposed_conv2x2_into(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor(a!) out) -> ()");
 }
 

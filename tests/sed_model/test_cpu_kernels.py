@@ -209,6 +209,32 @@ def test_winograd_conv_reads_two_maps_as_their_concatenation(first_channels, sec
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("in_channels, out_channels", [(32, 16), (24, 64)])
+def test_winograd_adds_a_map_and_takes_its_output_moments(in_channels, out_channels):
+    """The appearance term added to every row, and the per row and channel sums and sums of
+    squares of the output (float64) that GroupNorm then needs no pass of its own for."""
+    torch.manual_seed(out_channels)
+    x = channels_last(torch.randn(3, in_channels, 8, 12))
+    add = channels_last(torch.randn(1, out_channels, 8, 12))
+    conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    norm = torch.nn.GroupNorm(out_channels // 16, out_channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+        expected = conv(x) + add
+        moments = torch.empty(3, 2, out_channels, dtype=torch.float64)
+        y = cpu_kernels.winograd_conv3x3(x, conv.weight, conv, add=add, moments=moments)
+        torch.testing.assert_close(y, expected, atol=5e-5, rtol=1e-5)
+        rows = y.double().permute(0, 2, 3, 1).reshape(3, -1, out_channels)
+        # Each tile's 16 outputs are summed in float32 before the float64 sums: float32 rounding.
+        torch.testing.assert_close(moments, torch.stack([rows.sum(1), rows.square().sum(1)], dim=1), atol=1e-5, rtol=1e-6)
+        again = torch.empty_like(moments)
+        cpu_kernels.winograd_conv3x3(x, conv.weight, conv, add=add, moments=again)
+        assert torch.equal(again, moments)  # the same sums whatever the threads' order
+        normed = cpu_kernels.group_norm_relu(y, norm, None, torch.empty_like(y), moments)
+        torch.testing.assert_close(normed, F.relu(norm(expected)), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(normed, cpu_kernels.group_norm_relu(y, norm, None, torch.empty_like(y)), atol=1e-6, rtol=1e-6)
+
+
 def test_winograd_weights_follow_in_place_updates_and_the_weight_used():
     conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
     x = channels_last(torch.randn(1, 32, 4, 4))
