@@ -42,9 +42,10 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }
 # The MLP kernel runs MLPs up to this width (C -> 4C -> C; SED's decoder has 32, 64 and 128):
-# measured side by side on a 2-core AMD EPYC, at C = 32 and 64 it is 1.2-1.9x faster than oneDNN's
-# products with the hidden activation in memory, at 128 equal alone and ~3% faster in the decoder
-# (its LayerNorm inside). Wider layers (the backbone's) stay with oneDNN.
+# measured side by side on a 2-core AMD EPYC (Zen 3), at C = 32 and 64 it is 1.2-1.9x faster than
+# oneDNN's products with the hidden activation in memory, at 128 equal alone and ~3% faster in the
+# decoder (its LayerNorm inside); on Zen 5 with 16-float vectors ConvNeXt-B's first backbone stage
+# (128) 1.26x faster, from 256 on equal or slower, so wider layers stay with oneDNN.
 MLP_KERNEL_MAX_CHANNELS = 128
 _enabled = os.environ.get("SED_CPU_KERNELS", "1") != "0"
 _transposed_weights: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
