@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -48,10 +50,15 @@ def rows_per_read_task(rows: int, cpus: int) -> int:
     return max(DECODE_BATCH_ROWS, min(READ_TASK_MAX_ROWS, rows // max(4 * cpus, 1)))
 
 
-def _plan_rows_of_task(task: pa.Table, plan: ray.ObjectRef | pa.Table, rows_per_task: int) -> pa.Table:
-    """The plan rows of the read tasks numbered in `task["id"]`."""
+def _decoded_rows_of_task(
+    task: pa.Table, plan: ray.ObjectRef | pa.Table, rows_per_task: int, **decode_options: Any
+) -> Iterator[dict[str, Any]]:
+    """The plan rows of the read tasks numbered in `task["id"]`, read and decoded
+    `DECODE_BATCH_ROWS` at a time (`read_and_decode`)."""
     table = plan if isinstance(plan, pa.Table) else ray.get(plan)
-    return pa.concat_tables([table.slice(int(i) * rows_per_task, rows_per_task) for i in task.column("id").to_pylist()])
+    rows = pa.concat_tables([table.slice(int(i) * rows_per_task, rows_per_task) for i in task.column("id").to_pylist()])
+    for start in range(0, rows.num_rows, DECODE_BATCH_ROWS):
+        yield read_and_decode(rows.slice(start, DECODE_BATCH_ROWS), **decode_options)
 
 
 def decoded_images(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
@@ -70,17 +77,20 @@ def decoded_images(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
         # keeps Ray Data from fusing decoding into the model actors, which only run the model.
         "memory": READ_TASK_MEMORY,
     }
-    ds = ray.data.range(tasks, override_num_blocks=tasks).map_batches(
-        _plan_rows_of_task,
-        fn_kwargs={"plan": ray.put(plan), "rows_per_task": per_task},
+    # One read task per task number (batch_size=1): as two map stages (plan rows, then decoding 8
+    # at a time), Ray Data fused them and bundled 8 task numbers per task for the second stage's
+    # batch size, so one task read 8 tasks' rows (a 64-image job in one block: its shards all
+    # committed at the end).
+    return ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+        _decoded_rows_of_task,
+        fn_kwargs={
+            "plan": ray.put(plan),
+            "rows_per_task": per_task,
+            "image_column": source.image_column,
+            "max_pixels": source.max_pixels,
+            "storage_options": source.storage_options,
+        },
         batch_format="pyarrow",
-        batch_size=None,
-        **resources,
-    )
-    return ds.map_batches(
-        read_and_decode,
-        fn_kwargs={"image_column": source.image_column, "max_pixels": source.max_pixels, "storage_options": source.storage_options},
-        batch_format="pyarrow",
-        batch_size=DECODE_BATCH_ROWS,
+        batch_size=1,
         **resources,
     )

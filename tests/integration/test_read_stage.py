@@ -37,3 +37,20 @@ def test_every_planned_image_is_decoded_once(local_ray, tmp_path, url):
     ok = [row for row in rows if row["status"] == STATUS_OK]
     assert len(ok) == 150
     assert all(row["image"].shape == (12, 16 + int(row["image_id"][:4]) % 7, 3) for row in ok)
+
+
+def test_each_read_task_streams_its_own_rows(local_ray, tmp_path):
+    """One Ray task per read task, its rows out as they are decoded: never several read tasks'
+    rows in one block (Ray Data once fused the stages and bundled 8 read tasks per task, so a
+    small job's images arrived in one block and its shards all committed at the end)."""
+    for i in range(96):
+        (tmp_path / f"{i:04d}.png").write_bytes(image_bytes(8, 8, i))
+    source = InputSpec(url=str(tmp_path))
+    plan = plan_shards(list_images(source), shard_size=8)
+    per_task = rows_per_read_task(plan.num_rows, cpus=2)
+
+    blocks = [block.num_rows for block in decoded_images(plan, source).iter_batches(batch_size=None, batch_format="pyarrow")]
+
+    assert sum(blocks) == 96
+    assert max(blocks) <= per_task
+    assert len(blocks) >= 96 // per_task
