@@ -533,9 +533,8 @@ def _conv_norm_relu(
     own (measured on a 2-core AMD EPYC (Zen 5), side by side in both orders: the decoder 1-13%
     faster at T=150, about 4% taking out the advantage of running first; equal at T=32).
     """
-    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
     add_usable = add is None or add.is_contiguous(memory_format=torch.channels_last)
-    if plain and add_usable and cpu_kernels.winograd_usable(x, weight, second) and cpu_kernels.usable(x, norm.weight):
+    if add_usable and _winograd_applies(x, weight, owner, second) and cpu_kernels.usable(x, norm.weight):
         moments = torch.empty((x.shape[0], 2, weight.shape[0]), dtype=torch.float64, device=x.device)
         y = cpu_kernels.winograd_conv3x3(x, weight, owner, second, add=add, moments=moments)
         return cpu_kernels.group_norm_relu(y, norm, None, y if out is None else out, moments)
@@ -546,12 +545,18 @@ def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: to
     """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it) over
     `x`, or over `x` and `second` concatenated; in CPU float32 inference by Winograd's F(4x4, 3x3)
     (`cpu_kernels.winograd_usable` says where), which reads both maps where they are."""
-    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
-    if plain and cpu_kernels.winograd_usable(x, weight, second):
+    if _winograd_applies(x, weight, owner, second):
         return cpu_kernels.winograd_conv3x3(x, weight, owner, second)
     if second is not None:
         x = torch.cat([x, second], dim=1)
     return F.conv2d(x, weight, padding=owner.padding)
+
+
+def _winograd_applies(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: torch.Tensor | None) -> bool:
+    """Whether the Winograd kernel computes `owner`'s conv (padding 1, stride 1, no dilation or bias)
+    with `weight` over `x` (and `second`)."""
+    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
+    return plain and cpu_kernels.winograd_usable(x, weight, second)
 
 
 def _up_relu(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
