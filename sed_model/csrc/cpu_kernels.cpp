@@ -28,13 +28,22 @@ namespace {
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 
-inline v8f load8(const float* p) {
-  v8f v;
+// Unaligned vector loads and stores of any width.
+template <typename V>
+inline V load_as(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+inline void store_as(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline v8f load8(const float* p) { return load_as<v8f>(p); }
+
+inline void store8(float* p, v8f v) { store_as(p, v); }
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
@@ -51,19 +60,7 @@ constexpr int kLanes = 8;
 static_assert(16 % kLanes == 0, "the kernels' widths are multiples of 16 floats");
 typedef float vwf __attribute__((vector_size(4 * kLanes)));
 
-template <typename V>
-inline V load_as(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 inline vwf loadw(const float* p) { return load_as<vwf>(p); }
-
-template <typename V>
-inline void store_as(float* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 inline void storew(float* p, vwf v) { store_as(p, v); }
 
