@@ -201,7 +201,10 @@ class _Job:
         }
         writers: dict[str, ShardWriter] = {}
         progress = {"shards": 0, "images": 0}
-        batches = iter(self.dataset(text_ref, plan, pending).iter_batches(batch_format="pyarrow", batch_size=None))
+        # No prefetching: Ray Data's iterator then held each block until the next one was done, so
+        # a shard whose block was out waited on the job's next block (a slow or stalled read) to commit.
+        dataset = self.dataset(text_ref, plan, pending)
+        batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:
                 self._write(batch, writers, metadata, progress, len(pending), started)

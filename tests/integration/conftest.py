@@ -20,14 +20,15 @@ from tests.conftest import TINY_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(request):
     """A real local Ray per test module; the module's jobs reuse it instead of starting their own.
 
     Per module, not per session: no Ray of ours runs while the submission test starts a head, and
-    none is left to shut down at interpreter exit.
+    none is left to shut down at interpreter exit. Its logical CPUs: the module's `RAY_CPUS`, else
+    2 (the CI machine's cores).
     """
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

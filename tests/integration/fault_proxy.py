@@ -5,6 +5,10 @@ Modes (switched at any time; a switch drops the open connections, so the next re
 - `refuse`: every connection is closed as soon as it is accepted (the client sees a reset).
 - `stall`: connections are accepted and held without an answer until the mode changes.
 - `deny`: every request is read and answered `403 AccessDenied` (credentials revoked mid-job).
+
+Independently, `hold(marker)` keeps every read (GET, HEAD) whose request line contains `marker`
+(an object's key) from reaching the server until `release()`: a test holds the read of one input image, so the job
+cannot finish before the test has done its part (a fault, a kill) however fast the rest runs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class FaultProxy:
         self.target_port = target_port
         self.mode = "pass"
         self.seen: Counter[str] = Counter()  # connections met per mode
+        self.held: bytes | None = None
+        self.requests_held = 0
         self._changed = threading.Condition()
         self._open: set[socket.socket] = set()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -43,7 +49,17 @@ class FaultProxy:
             self._open.clear()
             self._changed.notify_all()
 
+    def hold(self, marker: bytes) -> None:
+        with self._changed:
+            self.held = marker
+
+    def release(self) -> None:
+        with self._changed:
+            self.held = None
+            self._changed.notify_all()
+
     def close(self) -> None:
+        self.release()
         self.set("pass")
         _close(self._server)
 
@@ -77,7 +93,29 @@ class FaultProxy:
         with self._changed:
             self._open.add(upstream)
         threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
+        self._forward_requests(client, upstream)
+
+    def _forward_requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        """`_pump` from client to server, holding the reads that `hold` names. Clients send one
+        request at a time, so a read's request line starts a chunk. A mode switch closes the
+        connection, and with it ends a hold."""
+        try:
+            while data := client.recv(65536):
+                with self._changed:
+                    if self._is_held(data):
+                        self.requests_held += 1
+                        while self._is_held(data) and client in self._open:
+                            self._changed.wait()
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(client)
+            _close(upstream)
+
+    def _is_held(self, data: bytes) -> bool:
+        line = data.split(b"\r\n", 1)[0]
+        return self.held is not None and line.startswith((b"GET ", b"HEAD ")) and self.held in line
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:

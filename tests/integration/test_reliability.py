@@ -34,6 +34,11 @@ from .helpers import label_map_of, read_rows
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 VOLATILE_COLUMNS = ("labeled_at", "source")
+# The input sorted last, so the last read task's: its held read keeps the job from finishing early.
+HELD_IMAGE = b"l_nested.png"
+# A held read keeps its task's CPU; with 2 CPUs (one the model actor's) the first read task's rows
+# could then not be encoded, and no shard would commit while the read is held.
+RAY_CPUS = 4
 
 
 def comparable(rows: list[dict]) -> dict[str, dict]:
@@ -85,49 +90,9 @@ def undisturbed(tmp_path_factory, reference):
     return inputs, comparable(read_rows(OutputStore(spec.output.url)))
 
 
-def test_killed_model_actor_costs_a_retry_not_a_row(tmp_path, reference, undisturbed):
-    inputs, expected = undisturbed
-    write_inputs(tmp_path / "images")
-    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
-    markers = tmp_path / "out" / COMMITTED_DIR
-    thread, outcome = run_in_thread(spec)
-    wait_for(lambda: markers.exists() and any(markers.glob("*.json")), "the first committed shard")
-    victims = model_actor_pids()
-    assert victims, "no model actor process found"
-    assert len(list(markers.glob("*.json"))) < len(inputs), "the kill must land mid-job"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "error" not in outcome, outcome.get("error")
-    rows = read_rows(OutputStore(spec.output.url))
-    assert len(rows) == len(inputs)  # exactly one row per image: nothing lost, nothing twice
-    assert comparable(rows) == expected
-    assert outcome["summary"].images == len(inputs)
-
-
-def test_killed_driver_costs_a_rerun(tmp_path, reference, undisturbed):
-    """Kill the CLI mid-job (SIGKILL to its whole process group, no cleanup), rerun: the same outputs."""
-    inputs, expected = undisturbed
-    write_inputs(tmp_path / "images")
-    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), input__shard_size=1, inference__batch_size=1)
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    command = [sys.executable, "-m", "jobs.cli", "run", str(spec_file)]
-    markers = tmp_path / "out" / COMMITTED_DIR
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: markers.exists() and any(markers.glob("*.json")), "the first committed shard")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    committed_at_kill = len(list(markers.glob("*.json")))
-    assert 1 <= committed_at_kill < len(inputs), "the job should have been killed mid-way"
-
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
-    rows = read_rows(OutputStore(spec.output.url))
-    assert len(rows) == len(inputs) and comparable(rows) == expected
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["images"] == len(inputs)
+def committed_markers(direct, bucket: str) -> list[str]:
+    direct.invalidate_cache()
+    return direct.glob(f"{bucket}/out/{COMMITTED_DIR}/*.json")
 
 
 @pytest.fixture
@@ -154,19 +119,71 @@ def s3_job(s3_server, tmp_path, reference):
         output__storage_options=options,
         input__shard_size=1,
         inference__batch_size=1,
+        ray__num_cpus=RAY_CPUS,  # for a job run by the CLI, which starts its own Ray
     )
     yield spec, proxy, direct, bucket
     proxy.close()
 
 
-def committed_markers(direct, bucket: str) -> list[str]:
-    direct.invalidate_cache()
-    return direct.glob(f"{bucket}/out/{COMMITTED_DIR}/*.json")
+def test_killed_model_actor_costs_a_retry_not_a_row(s3_job, undisturbed, s3_server):
+    """SIGKILL the model actor while it holds unfinished rows: Ray restarts it and reruns them.
+
+    The last read task waits on the held image until the actor is frozen (SIGSTOP), so the job is
+    mid-way however fast the first shards ran; released, that task's rows go to the frozen actor,
+    which is then killed with them in hand.
+    """
+    spec, proxy, direct, bucket = s3_job
+    inputs, expected = undisturbed
+    proxy.hold(HELD_IMAGE)
+    thread, outcome = run_in_thread(spec)
+    wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
+    wait_for(lambda: proxy.requests_held > 0, "the held image's read")
+    victims = model_actor_pids()
+    assert victims, "no model actor process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)
+    proxy.release()
+    time.sleep(3)  # the held read finishes and its task's rows are handed to the frozen actor
+    assert len(committed_markers(direct, bucket)) < len(inputs), "the kill must land mid-job"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    assert len(rows) == len(inputs)  # exactly one row per image: nothing lost, nothing twice
+    assert comparable(rows) == expected
+    assert outcome["summary"].images == len(inputs)
+
+
+def test_killed_driver_costs_a_rerun(s3_job, undisturbed, s3_server, tmp_path):
+    """Kill the CLI mid-job (SIGKILL to its whole process group, no cleanup), rerun: the same outputs."""
+    spec, proxy, direct, bucket = s3_job
+    inputs, expected = undisturbed
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    command = [sys.executable, "-m", "jobs.cli", "run", str(spec_file)]
+    proxy.hold(HELD_IMAGE)  # the job cannot finish before the kill
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    committed_at_kill = len(committed_markers(direct, bucket))
+    assert 1 <= committed_at_kill < len(inputs), "the job should have been killed mid-way"
+
+    proxy.release()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
+    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    assert len(rows) == len(inputs) and comparable(rows) == expected
+    summary = json.loads(direct.cat_file(f"{bucket}/out/summary.json"))
+    assert summary["images"] == len(inputs)
 
 
 def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, undisturbed, s3_server, caplog):
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
+    proxy.hold(HELD_IMAGE)  # the job cannot finish before it has met both faults
     thread, outcome = run_in_thread(spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     for fault in ("stall", "refuse"):  # each held for 3 s once the job has met it
@@ -174,6 +191,7 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
         wait_for(lambda: proxy.seen[fault] > 0, f"a request meeting {fault!r}")
         time.sleep(3)
     proxy.set("pass")
+    proxy.release()
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert proxy.seen["refuse"] > 0 and proxy.seen["stall"] > 0, proxy.seen
@@ -192,6 +210,7 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
 def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undisturbed, s3_server):
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
+    proxy.hold(HELD_IMAGE)  # the job cannot finish before access is denied
     thread, outcome = run_in_thread(spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     proxy.set("deny")
@@ -203,6 +222,7 @@ def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undistur
     assert f"s3://{bucket}/out/" in str(error)  # names what could not be written
 
     proxy.set("pass")
+    proxy.release()
     store = OutputStore(spec.output.url, s3_server)
     committed = store.committed_shards()
     assert 1 <= len(committed) < len(inputs)
