@@ -17,7 +17,8 @@
    right before and after the model (the faster of the two: a shared machine's speed drifts
    between processes, so each row is set against the limit of its own minutes); the peak RSS of each mode (a fresh process each,
    whose `ru_maxrss` is that mode's peak).
-4. With `--bfloat16 T`, bfloat16 (autocast) at T classes: the same timings, and how often its argmax
+4. With `--bfloat16 T`, bfloat16 (autocast; on a CPU with the fused kernels the backbone only, the
+   decoder staying in float32: `SED.decoder_precision`) at T classes: the same timings, and how often its argmax
    label equals float32's, on the shared tiny fixtures (`../shared/reference`, if present) and on
    the random ConvNeXt-B. Off by default: a CPU without native bfloat16 (AVX512-BF16 or AMX) runs it
    many times slower than float32.
@@ -207,12 +208,15 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     top_k = 8 if rejection == "early" else None
     setup_mb = _peak_rss_mb()
     limit_before = _conv_limit()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    decoder_precision = model.decoder_precision(precision)  # the model's own choice, as in its predictions
     with torch.inference_mode():
-        with autocast:
+        with model.autocast(precision):
             backbone_s, features = _timed(lambda: model.dense_features(image), args.repeats, args.warmups)
-            cost = sed_model.cost_volume(features["clip_vis_dense"], text)
-            appearance = (features["res4"], features["res3"], features["res2"])
+        cost = sed_model.cost_volume(features["clip_vis_dense"].float(), text)
+        appearance = (features["res4"], features["res3"], features["res2"])
+        if decoder_precision != precision:
+            appearance = tuple(feature.float() for feature in appearance)
+        with model.autocast(decoder_precision):
             decoder_s, outputs = _timed(lambda: model.decoder(cost, appearance, model.pooling, top_k), args.repeats, args.warmups)
         result = {
             "mode": mode,

@@ -44,8 +44,7 @@ class SEDPredictor:
         self.model = model.eval()
         if self.model.device.type == "cpu":
             keep_freed_memory()
-            if precision == "float32":
-                cpu_kernels.prepare()
+            cpu_kernels.prepare()  # both precisions decode with them (`SED.decoder_precision`)
         self.top_k = top_k
         self.short_edge = short_edge
         self.max_size = max_size
