@@ -40,9 +40,10 @@ def test_every_planned_image_is_decoded_once(local_ray, tmp_path, url):
 
 
 def test_each_read_task_streams_its_own_rows(local_ray, tmp_path):
-    """One Ray task per read task, its rows out as they are decoded: never several read tasks'
-    rows in one block (Ray Data once fused the stages and bundled 8 read tasks per task, so a
-    small job's images arrived in one block and its shards all committed at the end)."""
+    """One Ray task per read task: never several read tasks' rows in one block (Ray Data once
+    fused the stages and bundled 8 read tasks per task, so a small job's images arrived in one
+    block and its shards all committed at the end). A task's decoded batches leave it together,
+    as one block up to Ray Data's target block size (128 MiB)."""
     for i in range(96):
         (tmp_path / f"{i:04d}.png").write_bytes(image_bytes(8, 8, i))
     source = InputSpec(url=str(tmp_path))
