@@ -12,7 +12,9 @@
 The data order is a function of (seed, iteration) alone, and training restarts from `state.pt`
 whenever it exists, so a run killed at any moment and started again (or a worker group restarted
 by Ray Train) continues the same run: same schedule position, same batches. The class texts are
-encoded once, by one task, with the frozen text tower.
+encoded once, by one task, with the frozen text tower. A resumed run takes all its weights from
+`state.pt` and reads neither `model.weights` nor `model.clip_weights` (an offline cluster resumes
+a run that started from downloaded OpenCLIP weights).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from schemas import TrainSpec
 
 from .commit import OutputStore
 from .executor import connect_ray
-from .model_loading import encode_taxonomy, load_model
+from .model_loading import encode_taxonomy, load_model, model_config
 from .preflight import preflight_training
 from .storage import filesystem, to_url
 from .tensorboard_log import TensorBoardLog
@@ -96,11 +98,44 @@ def _read_metrics(store: OutputStore) -> list[dict[str, Any]]:
     return [json.loads(line) for line in store.read_bytes(METRICS_FILE).decode().splitlines() if line]
 
 
-def restore_training_state(store: OutputStore, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any) -> tuple[int, list[dict]]:
-    """Load `state.pt` if the output has one; return the iteration to start at and the metrics so far."""
+def read_training_state(store: OutputStore) -> dict[str, Any] | None:
+    """The output's `state.pt`, or None before the run's first checkpoint."""
     if not store.exists(STATE_FILE):
+        return None
+    return torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)
+
+
+def model_to_train(spec: TrainSpec, state: dict[str, Any] | None, device: torch.device | str = "cpu") -> sed_model.SED:
+    """The run's model: the spec's starting weights, or resumed, the state's (every parameter).
+
+    Resumed, the starting weights are not read: `state.pt` replaces them all, and the text tower
+    is frozen, so the state encodes the classes as the starting weights did.
+    """
+    if state is None:
+        model, _ = load_model(spec.model, device)
+        return model
+    model = sed_model.build_sed(model_config(spec.model))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()  # as `load_model` gives it
+
+
+def encode_classes_to_train(spec: TrainSpec, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """The run's class embeddings `(T, P, D)`, from the state's model if the run is resumed."""
+    store = OutputStore(spec.output.url, spec.output.storage_options)
+    state = read_training_state(store)
+    if state is None:
+        text, _ = encode_taxonomy(spec.model, classes, templates)
+        return text
+    return model_to_train(spec, state).encode_classes(classes, templates).cpu()
+
+
+def restore_training_state(
+    store: OutputStore, state: dict[str, Any] | None, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any
+) -> tuple[int, list[dict]]:
+    """Load `state` (`read_training_state`) into the model and the optimiser's parts; return the
+    iteration to start at and the metrics so far (0 and none without a state)."""
+    if state is None:
         return 0, []
-    state = torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -153,12 +188,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation: LabelledData | None = config["validation"]
     store = OutputStore(spec.output.url, spec.output.storage_options)
     torch.manual_seed(spec.recipe.seed)
-    model, _ = load_model(spec.model, device)
+    state = read_training_state(store)
+    model = model_to_train(spec, state, device)
     recipe = _recipe(spec, device, world)
     optimizer = sed_model.build_optimizer(model, recipe)
     schedule = sed_model.build_schedule(optimizer, recipe)
     scaler = sed_model.build_grad_scaler(recipe, device)
-    start, metrics = restore_training_state(store, model, optimizer, schedule, scaler)
+    start, metrics = restore_training_state(store, state, model, optimizer, schedule, scaler)
+    del state  # the model and optimiser hold copies
     trained = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP across the workers
     board = TensorBoardLog(store, spec.output.tensorboard and rank == 0)
     try:
@@ -187,8 +224,8 @@ def _fit(spec: TrainSpec, classes: list[str], templates: list[str], data: Labell
     """Encode the class texts once, then run the workers on Ray Train until the last iteration."""
     owns_ray = connect_ray(spec.ray)
     try:
-        encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-        text, _ = ray.get(encode.remote(spec.model, classes, templates))
+        encode = ray.remote(encode_classes_to_train).options(num_cpus=1)
+        text = ray.get(encode.remote(spec, classes, templates))
         with tempfile.TemporaryDirectory() as ray_storage:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,
@@ -224,9 +261,9 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     inputs = training_inputs(spec)
     preflight_training(spec, inputs.taxonomy)
     store = OutputStore(spec.output.url, spec.output.storage_options)
-    start = 0
-    if store.exists(STATE_FILE):
-        start = int(torch.load(io.BytesIO(store.read_bytes(STATE_FILE)), map_location="cpu", weights_only=True)["iteration"])
+    state = read_training_state(store)
+    start = 0 if state is None else int(state["iteration"])
+    del state
     if start < spec.recipe.iterations:
         _fit(spec, list(inputs.taxonomy.classes), list(inputs.taxonomy.templates), inputs.data, inputs.validation)
     metrics = _read_metrics(store)

@@ -21,7 +21,14 @@ from pipeline.commit import OutputStore
 from pipeline.evaluate import SemSegEvaluator
 from pipeline.model_loading import encode_taxonomy, load_model
 from pipeline.tensorboard_log import TensorBoardLog
-from pipeline.train import STATE_FILE, checkpoint_name, restore_training_state, run_training, save_training_state
+from pipeline.train import (
+    STATE_FILE,
+    checkpoint_name,
+    read_training_state,
+    restore_training_state,
+    run_training,
+    save_training_state,
+)
 from pipeline.train_data import labelled_data, load_batch
 from schemas import TrainSpec
 from tests.conftest import TINY_CHECKPOINT
@@ -151,9 +158,13 @@ def test_rerunning_a_finished_run_changes_nothing(trained):
 
 def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     """SIGKILL `sed-label train` (its whole process group) after its first checkpoint, run it again:
-    the final weights equal the uninterrupted run's."""
+    the final weights equal the uninterrupted run's. The resumed run reads no starting weights
+    (an offline cluster resumes a run begun from downloaded ones): they are garbage by then."""
     spec, summary = trained
+    starting_weights = tmp_path / "start.pth"
+    starting_weights.write_bytes(TINY_CHECKPOINT.read_bytes())
     resumed = train_spec(reference, Path(spec.data.url), tmp_path / "out")
+    resumed.model.weights = str(starting_weights)
     spec_file = tmp_path / "train.yaml"
     spec_file.write_text(yaml.safe_dump(resumed.model_dump(mode="json")))
     command = [sys.executable, "-m", "jobs.cli", "train", str(spec_file)]
@@ -166,6 +177,7 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     process.wait()
     assert state.exists(), "the run wrote no state before the deadline"
 
+    starting_weights.write_bytes(b"not a checkpoint")
     again = run_training(resumed)
     assert 2 <= again.started_at_iteration < ITERATIONS, "the kill must land mid-run"
     expected, _ = sed_model.read_checkpoint(summary.checkpoints[-1])
@@ -204,7 +216,7 @@ def test_checkpoints_state_and_tensorboard_round_trip_through_s3(s3_server, refe
     board.close()
 
     restored, restored_optimizer, restored_schedule, restored_scaler = fresh()
-    start, restored_metrics = restore_training_state(store, restored, restored_optimizer, restored_schedule, restored_scaler)
+    start, restored_metrics = restore_training_state(store, read_training_state(store), restored, restored_optimizer, restored_schedule, restored_scaler)
     assert start == 2 and restored_metrics == metrics
     for name, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value), name
