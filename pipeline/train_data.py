@@ -45,6 +45,12 @@ def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
     try:
         if data.dataset is not None:
             prepared = read_prepared(data.dataset, data.url, data.storage_options)
+            expected = data.split or _default_split(prepared.spec, field)
+            if prepared.split != expected:
+                raise TrainDataError(
+                    f"{field}.url: {data.url} holds {data.dataset}'s {prepared.split} split, not {expected}"
+                    + ("" if data.split else f" (name it in {field}.split to use it deliberately)")
+                )
             items, ignore_label, dataset = prepared.items, prepared.spec.ignore_label, prepared.spec
         else:
             items, ignore_label, dataset = _folder_items(data, field), data.ignore_label, None
@@ -55,6 +61,21 @@ def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
     if not items:
         raise TrainDataError(f"{field}.url: no labelled images in {data.url}")
     return LabelledData(items[: data.limit], ignore_label, dataset, data.storage_options)
+
+
+def _default_split(dataset: DatasetSpec, field: str) -> str:
+    """The split `field` uses unless it names one: validation the benchmark's evaluation split
+    (its default), training data its training split, so that a run never trains on a benchmark's
+    evaluation images by mistake."""
+    if field == "validation":
+        return dataset.splits[0]
+    training = [split for split in dataset.splits if split.startswith("train")]
+    if not training:
+        raise TrainDataError(
+            f"{field}.split: {dataset.name} has only evaluation splits ({', '.join(dataset.splits)}); "
+            "name the one to train on to fine-tune on it deliberately"
+        )
+    return training[0]
 
 
 def _folder_items(data: TrainDataSpec, field: str) -> list[BenchmarkItem]:

@@ -26,6 +26,12 @@ class TrainDataSpec(_Spec):
         description="the benchmark url holds, as prepared by `sed-label prepare NAME` (coco-stuff-171 is the paper's "
         "training set); its classes are the taxonomy unless one is given; null = a folder of images/ and labels/",
     )
+    split: str | None = Field(
+        None,
+        description="prepared datasets only: the split url must hold (its manifest says which it is); default: for data "
+        "the benchmark's training split (train2017 of coco-stuff-171; name the split to train on a benchmark that has "
+        "only evaluation splits), for validation its evaluation split",
+    )
     images_dir: str = Field("images", description="folder of the images under url (folders only)")
     labels_dir: str = Field("labels", description="folder of the label maps under url (folders only)")
     ignore_label: int = Field(255, ge=0, description="the id of unlabelled pixels (folders only; 16-bit PNGs allow more than 255 classes)")
@@ -36,6 +42,8 @@ class TrainDataSpec(_Spec):
     def _folders_only_without_dataset(self) -> "TrainDataSpec":
         if self.dataset is not None and {"images_dir", "labels_dir", "ignore_label"} & self.model_fields_set:
             raise ValueError("images_dir, labels_dir and ignore_label apply to folders; a prepared dataset knows its own")
+        if self.dataset is None and self.split is not None:
+            raise ValueError("split applies to prepared datasets (dataset), not to folders")
         return self
 
 

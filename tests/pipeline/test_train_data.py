@@ -27,12 +27,16 @@ def write_folder(root: Path, count: int = 2, size: int = 32) -> None:
 
 def write_prepared_pc459(root: Path) -> None:
     """A prepared PASCAL-Context-459 folder (uint16 TIFF label maps, ignore id 459), as `prepare` writes it."""
-    spec = get_dataset("pascal-context-459")
-    writer = PreparedWriter(spec, "val", str(root))
+    write_prepared(root, "pascal-context-459", "val", first_id=300)
+
+
+def write_prepared(root: Path, name: str, split: str, first_id: int = 0) -> None:
+    spec = get_dataset(name)
+    writer = PreparedWriter(spec, split, str(root))
     for i, (width, height) in enumerate([(48, 40), (40, 48)]):
         buffer = io.BytesIO()
         Image.fromarray(np.full((height, width, 3), 100, np.uint8)).save(buffer, format="JPEG")
-        labels = np.full((height, width), 300 + i, np.uint16)
+        labels = np.full((height, width), first_id + i, spec.label_dtype)
         labels[0, 0] = spec.ignore_label
         writer.add(Sample(f"2008_00000{i}", buffer.getvalue(), ".jpg", labels))
     writer.finish("raw", [], None)
@@ -68,7 +72,7 @@ def test_images_without_labels_are_refused(tmp_path):
 
 def test_a_prepared_benchmark_brings_its_classes_ignore_id_and_16_bit_labels(tmp_path):
     write_prepared_pc459(tmp_path / "pc459")
-    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}, crop=64, short_edge=40, colour=False)
+    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459", "split": "val"}, crop=64, short_edge=40, colour=False)
     data = labelled_data(spec.data)
     assert [item.image_id for item in data.items] == ["2008_000000", "2008_000001"] and data.ignore_label == 459
     taxonomy = training_taxonomy(spec, data)
@@ -84,7 +88,7 @@ def test_a_prepared_benchmark_brings_its_classes_ignore_id_and_16_bit_labels(tmp
 
 def test_a_taxonomy_must_match_the_benchmarks_class_count(tmp_path):
     write_prepared_pc459(tmp_path / "pc459")
-    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}, ["sky", "tree"])
+    spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459", "split": "val"}, ["sky", "tree"])
     with pytest.raises(TrainDataError, match="taxonomy has 2 classes, but data.dataset pascal-context-459 labels 459"):
         training_taxonomy(spec, labelled_data(spec.data))
 
@@ -92,6 +96,27 @@ def test_a_taxonomy_must_match_the_benchmarks_class_count(tmp_path):
 def test_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
     with pytest.raises(TrainDataError, match="data: .*sed-label prepare coco-stuff-171"):
         labelled_data(spec_for({"url": str(tmp_path), "dataset": "coco-stuff-171"}).data)
+
+
+def test_training_on_an_evaluation_split_must_be_asked_for(tmp_path):
+    """Training data defaults to the benchmark's training split, validation to its evaluation split."""
+    write_prepared(tmp_path / "val2017", "coco-stuff-171", "val2017")
+    write_prepared(tmp_path / "train2017", "coco-stuff-171", "train2017")
+    coco = {"dataset": "coco-stuff-171"}
+    assert len(labelled_data(spec_for({"url": str(tmp_path / "train2017"), **coco}).data).items) == 2
+    with pytest.raises(TrainDataError, match=r"data.url: .*val2017 holds coco-stuff-171's val2017 split, not train2017 \(name it in data.split"):
+        labelled_data(spec_for({"url": str(tmp_path / "val2017"), **coco}).data)
+    assert labelled_data(spec_for({"url": str(tmp_path / "val2017"), "split": "val2017", **coco}).data).items
+
+    assert labelled_data(ValidationSpec(url=str(tmp_path / "val2017"), **coco), "validation").items
+    with pytest.raises(TrainDataError, match="validation.url: .* holds coco-stuff-171's train2017 split, not val2017"):
+        labelled_data(ValidationSpec(url=str(tmp_path / "train2017"), **coco), "validation")
+
+    write_prepared_pc459(tmp_path / "pc459")
+    with pytest.raises(TrainDataError, match=r"data.split: pascal-context-459 has only evaluation splits \(val\)"):
+        labelled_data(spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}).data)
+    with pytest.raises(ValueError, match="split applies to prepared datasets"):
+        spec_for({"url": str(tmp_path / "data"), "split": "val"})
 
 
 def test_batches_are_a_function_of_seed_and_iteration():
