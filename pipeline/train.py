@@ -44,7 +44,7 @@ from .model_loading import encode_taxonomy, load_model, model_config
 from .preflight import preflight_training
 from .storage import filesystem, to_url
 from .tensorboard_log import TensorBoardLog
-from .train_data import LabelledData, load_batch, training_inputs
+from .train_data import LabelledData, TrainDataError, load_batch, training_inputs
 from .validation import validate
 
 log = logging.getLogger("sed_label")
@@ -53,6 +53,7 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 PRECISION_ORDER = ("float32", "float16", "bfloat16")  # by what a worker's device runs natively
+WORKER_GROUP_RESTARTS = 3  # after failures other than the training data's
 
 
 @dataclass
@@ -226,29 +227,50 @@ def _fit(spec: TrainSpec, classes: list[str], templates: list[str], data: Labell
     try:
         encode = ray.remote(encode_classes_to_train).options(num_cpus=1)
         text = ray.get(encode.remote(spec, classes, templates))
-        with tempfile.TemporaryDirectory() as ray_storage:
-            trainer = ray.train.torch.TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={
-                    "spec": spec.model_dump(mode="json"),
-                    "text": ray.put(text.numpy()),
-                    "classes": classes,
-                    "data": data,
-                    "validation": validation,
-                },
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=spec.scaling.num_workers,
-                    use_gpu=spec.scaling.use_gpu,
-                    resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
-                ),
-                # Ray Train's own storage holds only its run records: checkpoints and state go to
-                # the output URL, written by rank 0 (see `save_training_state`).
-                run_config=ray.train.RunConfig(storage_path=ray_storage, name="sed-train", failure_config=ray.train.FailureConfig(max_failures=3)),
-            )
-            trainer.fit()
+        config = {
+            "spec": spec.model_dump(mode="json"),
+            "text": ray.put(text.numpy()),
+            "classes": classes,
+            "data": data,
+            "validation": validation,
+        }
+        # A failed worker group is started again here rather than by Ray Train (max_failures=0),
+        # so that errors in the training data, which every attempt would meet again, stop the run
+        # at once; any other failure gets WORKER_GROUP_RESTARTS new groups, each resuming from state.pt.
+        for attempt in range(WORKER_GROUP_RESTARTS + 1):
+            try:
+                _fit_worker_group(spec, config, attempt)
+                return
+            except ray.train.WorkerGroupError as exc:
+                data_errors = [e for _, e in sorted(exc.worker_failures.items()) if isinstance(e, TrainDataError)]
+                if data_errors:
+                    raise TrainDataError(str(data_errors[0])) from exc
+                if attempt == WORKER_GROUP_RESTARTS:
+                    raise
+                log.warning("training workers failed (%s); starting them again from the last state (%d of %d)",
+                            exc, attempt + 1, WORKER_GROUP_RESTARTS)
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _fit_worker_group(spec: TrainSpec, config: dict[str, Any], attempt: int) -> None:
+    with tempfile.TemporaryDirectory() as ray_storage:
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=spec.scaling.num_workers,
+                use_gpu=spec.scaling.use_gpu,
+                resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+            ),
+            # Ray Train's own storage holds only its run records: checkpoints and state go to
+            # the output URL, written by rank 0 (see `save_training_state`).
+            run_config=ray.train.RunConfig(
+                storage_path=ray_storage, name=f"sed-train-{attempt}", failure_config=ray.train.FailureConfig(max_failures=0)
+            ),
+        )
+        trainer.fit()
 
 
 def run_training(spec: TrainSpec) -> TrainSummary:

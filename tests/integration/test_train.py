@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pipeline.train import (
     run_training,
     save_training_state,
 )
-from pipeline.train_data import labelled_data, load_batch
+from pipeline.train_data import TrainDataError, labelled_data, load_batch
 from schemas import TrainSpec
 from tests.conftest import TINY_CHECKPOINT
 
@@ -180,8 +181,43 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     starting_weights.write_bytes(b"not a checkpoint")
     again = run_training(resumed)
     assert 2 <= again.started_at_iteration < ITERATIONS, "the kill must land mid-run"
-    expected, _ = sed_model.read_checkpoint(summary.checkpoints[-1])
-    actual, _ = sed_model.read_checkpoint(again.checkpoints[-1])
+    assert_same_final_weights(again, summary)
+
+
+def test_a_killed_worker_costs_a_new_worker_group_from_the_last_state(trained, reference, tmp_path, caplog):
+    """SIGKILL one training worker after the first checkpoint: a new worker group resumes from
+    state.pt, and the run ends with the uninterrupted run's weights."""
+    spec, summary = trained
+    again = train_spec(reference, Path(spec.data.url), tmp_path / "out")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=run_training(again)), daemon=True)
+    thread.start()
+    state = tmp_path / "out" / STATE_FILE
+    deadline = time.monotonic() + 300
+    while not state.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = processes_titled(b"ray::RayTrainWorker")
+    assert state.exists() and victims, "no state or no training worker before the deadline"
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "starting them again from the last state (1 of 3)" in caplog.text, "the kill must land mid-run"
+    assert_same_final_weights(outcome["summary"], summary)
+
+
+def processes_titled(title: bytes) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def assert_same_final_weights(summary, expected_summary) -> None:
+    expected, _ = sed_model.read_checkpoint(expected_summary.checkpoints[-1])
+    actual, _ = sed_model.read_checkpoint(summary.checkpoints[-1])
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
@@ -225,3 +261,13 @@ def test_checkpoints_state_and_tensorboard_round_trip_through_s3(s3_server, refe
     checkpoint, _ = sed_model.read_checkpoint(store.url_of(checkpoint_name(2)), storage_options=s3_server)
     assert checkpoint.keys() == model.state_dict().keys()
     assert store.fs.glob(store.path("tensorboard", "events.out.tfevents.*"))
+
+
+def test_unreadable_training_data_stops_the_run_at_once(reference, tmp_path, local_ray, caplog):
+    """An error every attempt would meet again is not retried: the run stops with it, naming the file."""
+    write_pairs(tmp_path / "data")
+    (tmp_path / "data" / "images" / "img1.jpg").write_bytes(b"not a JPEG")
+    spec = train_spec(reference, tmp_path / "data", tmp_path / "out").model_copy(update={"validation": None})
+    with pytest.raises(TrainDataError, match=r"cannot read image .*img1\.jpg"):
+        run_training(spec)
+    assert "starting them again" not in caplog.text
