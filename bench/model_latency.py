@@ -208,15 +208,11 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     top_k = 8 if rejection == "early" else None
     setup_mb = _peak_rss_mb()
     limit_before = _conv_limit()
-    decoder_precision = model.decoder_precision(precision)  # the model's own choice, as in its predictions
-    with torch.inference_mode():
+    with torch.inference_mode():  # each part in the precision the model's predictions use
         with model.autocast(precision):
             backbone_s, features = _timed(lambda: model.dense_features(image), args.repeats, args.warmups)
-        cost = sed_model.cost_volume(features["clip_vis_dense"].float(), text)
-        appearance = (features["res4"], features["res3"], features["res2"])
-        if decoder_precision != precision:
-            appearance = tuple(feature.float() for feature in appearance)
-        with model.autocast(decoder_precision):
+        cost, appearance = model.decoder_inputs(features, text, precision)
+        with model.decoder_autocast(precision):
             decoder_s, outputs = _timed(lambda: model.decoder(cost, appearance, model.pooling, top_k), args.repeats, args.warmups)
         result = {
             "mode": mode,

@@ -32,11 +32,15 @@ def preflight(spec: JobSpec) -> Taxonomy:
     return taxonomy
 
 
-def preflight_training(spec: TrainSpec, taxonomy: Taxonomy) -> None:
-    """A training spec's model, weights (SED or OpenCLIP) and output; its data is checked by `training_inputs`."""
+def preflight_training(spec: TrainSpec, taxonomy: Taxonomy, resuming: bool = False) -> None:
+    """A training spec's model, weights (SED or OpenCLIP) and output; its data is checked by `training_inputs`.
+
+    A resumed run's starting weights are not checked: it reads them from its state instead.
+    """
     config = _check_model(spec.model)
     _check_templates(taxonomy, config)
-    _check_weights(spec.model)
+    if not resuming:
+        _check_weights(spec.model)
     _check_writable("output.url", spec.output.url, spec.output.storage_options)
 
 

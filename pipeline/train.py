@@ -11,7 +11,7 @@
 
 The data order is a function of (seed, iteration) alone, and training restarts from `state.pt`
 whenever it exists, so a run killed at any moment and started again (or a worker group restarted
-by Ray Train) continues the same run: same schedule position, same batches. The class texts are
+by the driver) continues the same run: same schedule position, same batches. The class texts are
 encoded once, by one task, with the frozen text tower. A resumed run takes all its weights from
 `state.pt` and reads neither `model.weights` nor `model.clip_weights` (an offline cluster resumes
 a run that started from downloaded OpenCLIP weights).
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 import sed_model
 from schemas import TrainSpec
+from sed_model.checkpoint import load_state_dict_strict
 
 from .commit import OutputStore
 from .executor import connect_ray
@@ -116,7 +117,8 @@ def model_to_train(spec: TrainSpec, state: dict[str, Any] | None, device: torch.
         model, _ = load_model(spec.model, device)
         return model
     model = sed_model.build_sed(model_config(spec.model))
-    model.load_state_dict(state["model"])
+    source = f"the training state {spec.output.url.rstrip('/')}/{STATE_FILE} (model.clip_model and image_size must be its run's)"
+    load_state_dict_strict(model, state["model"], source=source)
     return model.to(device).eval()  # as `load_model` gives it
 
 
@@ -131,13 +133,12 @@ def encode_classes_to_train(spec: TrainSpec, classes: list[str], templates: list
 
 
 def restore_training_state(
-    store: OutputStore, state: dict[str, Any] | None, model: torch.nn.Module, optimizer: Any, schedule: Any, scaler: Any
+    store: OutputStore, state: dict[str, Any] | None, optimizer: Any, schedule: Any, scaler: Any
 ) -> tuple[int, list[dict]]:
-    """Load `state` (`read_training_state`) into the model and the optimiser's parts; return the
-    iteration to start at and the metrics so far (0 and none without a state)."""
+    """Load `state` (`read_training_state`) into the optimiser's parts (`model_to_train` has the
+    model's); return the iteration to start at and the metrics so far (0 and none without a state)."""
     if state is None:
         return 0, []
-    model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if scaler is not None and state.get("scaler"):
@@ -195,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = sed_model.build_optimizer(model, recipe)
     schedule = sed_model.build_schedule(optimizer, recipe)
     scaler = sed_model.build_grad_scaler(recipe, device)
-    start, metrics = restore_training_state(store, state, model, optimizer, schedule, scaler)
+    start, metrics = restore_training_state(store, state, optimizer, schedule, scaler)
     del state  # the model and optimiser hold copies
     trained = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP across the workers
     board = TensorBoardLog(store, spec.output.tensorboard and rank == 0)
@@ -281,11 +282,11 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     """
     started = time.monotonic()
     inputs = training_inputs(spec)
-    preflight_training(spec, inputs.taxonomy)
     store = OutputStore(spec.output.url, spec.output.storage_options)
     state = read_training_state(store)
     start = 0 if state is None else int(state["iteration"])
     del state
+    preflight_training(spec, inputs.taxonomy, resuming=start > 0)
     if start < spec.recipe.iterations:
         _fit(spec, list(inputs.taxonomy.classes), list(inputs.taxonomy.templates), inputs.data, inputs.validation)
     metrics = _read_metrics(store)

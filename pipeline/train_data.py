@@ -23,6 +23,7 @@ from schemas import TrainDataSpec, TrainSpec
 
 from .augment import AugmentSettings, augment
 from .datasets import BenchmarkItem, DatasetError, DatasetSpec, read_label_map, read_prepared
+from .retry import is_permanent, with_retries
 from .sources import IMAGE_EXTENSIONS
 from .storage import filesystem, to_url
 from .taxonomy import Taxonomy, load_taxonomy
@@ -45,7 +46,7 @@ def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
     try:
         if data.dataset is not None:
             prepared = read_prepared(data.dataset, data.url, data.storage_options)
-            expected = data.split or _default_split(prepared.spec, field)
+            expected = _expected_split(prepared.spec, data, field)
             if prepared.split != expected:
                 raise TrainDataError(
                     f"{field}.url: {data.url} holds {data.dataset}'s {prepared.split} split, not {expected}"
@@ -63,19 +64,22 @@ def labelled_data(data: TrainDataSpec, field: str = "data") -> LabelledData:
     return LabelledData(items[: data.limit], ignore_label, dataset, data.storage_options)
 
 
-def _default_split(dataset: DatasetSpec, field: str) -> str:
-    """The split `field` uses unless it names one: validation the benchmark's evaluation split
-    (its default), training data its training split, so that a run never trains on a benchmark's
-    evaluation images by mistake."""
+def _expected_split(dataset: DatasetSpec, data: TrainDataSpec, field: str) -> str:
+    """The split `field` must hold: the one it names, else for validation the benchmark's
+    evaluation split (its default) and for training data its training split, so that a run never
+    trains on a benchmark's evaluation images by mistake."""
+    if data.split is not None:
+        if data.split not in dataset.splits:
+            raise TrainDataError(f"{field}.split: {dataset.name} has the splits {list(dataset.splits)}, not {data.split!r}")
+        return data.split
     if field == "validation":
         return dataset.splits[0]
-    training = [split for split in dataset.splits if split.startswith("train")]
-    if not training:
+    if dataset.training_split is None:
         raise TrainDataError(
-            f"{field}.split: {dataset.name} has only evaluation splits ({', '.join(dataset.splits)}); "
+            f"{field}.split: {dataset.name} ({data.url}) has only evaluation splits {list(dataset.splits)}; "
             "name the one to train on to fine-tune on it deliberately"
         )
-    return training[0]
+    return dataset.training_split
 
 
 def _folder_items(data: TrainDataSpec, field: str) -> list[BenchmarkItem]:
@@ -146,7 +150,7 @@ def check_validation_labels(classes: list[str], data: LabelledData) -> None:
     """Read every validation pair once before training: sizes match, ids are classes or the ignore id.
 
     Each evaluation reads them all anyway; a bad one found now costs no training (found at the first
-    evaluation, it would fail the run there, and again after each of Ray Train's restarts).
+    evaluation, it would stop the run there).
     """
     count = len(evaluated_classes(classes, data))
     for item in data.items:
@@ -169,15 +173,28 @@ def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) ->
 
 
 def read_pair(item: BenchmarkItem, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The item's RGB image `(H, W, 3)` uint8 and its label map `(H, W)` uint8/uint16, checked alike in size."""
+    """The item's RGB image `(H, W, 3)` uint8 and its label map `(H, W)` uint8/uint16, checked alike in size.
+
+    Storage faults are retried (`with_retries`); one that persists is raised as it is, so the run
+    starts new workers, while what retrying cannot fix (a missing or undecodable file, access
+    denied) is a `TrainDataError`, which stops the run at once.
+    """
     fs, path = filesystem(item.image_url, storage_options)
     try:
-        image = np.asarray(Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB"))
+        data = with_retries(lambda: fs.cat_file(path), f"reading {item.image_url}")
     except Exception as exc:
+        if not is_permanent(exc):
+            raise
         raise TrainDataError(f"cannot read image {item.image_url}: {type(exc).__name__}: {exc}") from exc
     try:
-        label = read_label_map(item.label_url, storage_options)
-    except (DatasetError, OSError) as exc:
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except Exception as exc:  # PIL raises OSError subclasses for bad contents: all are the file's
+        raise TrainDataError(f"cannot read image {item.image_url}: {type(exc).__name__}: {exc}") from exc
+    try:  # decode_label_map turns bad contents into DatasetError, a permanent error
+        label = with_retries(lambda: read_label_map(item.label_url, storage_options), f"reading {item.label_url}")
+    except Exception as exc:
+        if not is_permanent(exc):
+            raise
         raise TrainDataError(f"cannot read label map {item.label_url}: {exc}") from exc
     if label.shape != image.shape[:2]:
         raise TrainDataError(f"label map {item.label_url} is {label.shape[::-1]}, its image {image.shape[1::-1]} (width, height)")

@@ -160,12 +160,8 @@ class SED(nn.Module):
             raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
         with self.autocast(precision):
             features = self.dense_features(images)
-        cost = cost_volume(features["clip_vis_dense"].float(), text.to(self.device, torch.float32))
-        appearance = (features["res4"], features["res3"], features["res2"])
-        decoder_precision = self.decoder_precision(precision)
-        if decoder_precision != precision:
-            appearance = tuple(feature.float() for feature in appearance)
-        with self.autocast(decoder_precision):
+        cost, appearance = self.decoder_inputs(features, text, precision)
+        with self.decoder_autocast(precision):
             outputs = self.decoder(cost, appearance, self.pooling, top_k)
         for stage in outputs:
             stage.logits = stage.logits.float()
@@ -183,11 +179,33 @@ class SED(nn.Module):
 
         bfloat16 decodes in float32 on a CPU with this package's fused kernels: they are float32
         only, and there faster than PyTorch's bfloat16 operators (1.5x on a Zen 5 EPYC, which runs
-        bfloat16 natively) as well as exact. Only the backbone then runs in bfloat16.
+        bfloat16 natively) as well as exact. Only the backbone then runs in bfloat16. On a CPU the
+        first call builds or loads the kernels (`cpu_kernels.prepare`).
         """
         if precision == "bfloat16" and self.device.type == "cpu" and cpu_kernels.prepare():
             return "float32"
         return precision
+
+    def decoder_inputs(
+        self, features: dict[str, torch.Tensor], text: torch.Tensor, precision: str
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The decoder's cost volume and appearance maps `res4, res3, res2` from the backbone's
+        `features`; all float32 where `decoder_precision` lowers `precision`, a caller's autocast
+        notwithstanding."""
+        lowered = self.decoder_precision(precision) != precision
+        with torch.autocast(self.device.type, enabled=False) if lowered else contextlib.nullcontext():
+            cost = cost_volume(features["clip_vis_dense"].float(), text.to(self.device, torch.float32))
+        appearance = (features["res4"], features["res3"], features["res2"])
+        if lowered:
+            appearance = tuple(feature.float() for feature in appearance)
+        return cost, appearance
+
+    def decoder_autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """The decoder's context at `precision`; where `decoder_precision` lowers it to float32,
+        autocast off, a caller's included (the kernels take float32 only)."""
+        if self.decoder_precision(precision) != precision:
+            return torch.autocast(self.device.type, enabled=False)
+        return self.autocast(precision)
 
     def forward_logits(
         self, images: torch.Tensor | Sequence[torch.Tensor], text: torch.Tensor, top_k: int | None = None

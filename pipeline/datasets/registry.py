@@ -29,7 +29,8 @@ class DatasetSpec:
     label_dtype: str  # "uint8" (PNG label maps) or "uint16" (TIFF)
     raw_format: str  # which converter of prepare.py reads the official download
     raw_layout: str  # what RAW_ROOT must hold, for the README and error messages
-    splits: tuple[str, ...] = ("val",)  # the first is the default
+    splits: tuple[str, ...] = ("val",)  # the first is the default (the evaluation split)
+    training_split: str | None = None  # the split to train on, if the benchmark has one
     # VOC-20b: predictions with an index >= this merge into that class ("background").
     merge_predictions_from: int | None = None
     # mIoU claimed by the paper (Table 1), keyed by (model preset, top-k).
@@ -100,6 +101,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "coco-stuff-171", "COCO-Stuff-171", "coco.json", 255, "uint8", "coco_stuff",
             "the COCO folder with val2017/ (or train2017/) and stuffthingmaps_trainval2017/val2017/ (or train2017/)",
             splits=("val2017", "train2017"),
+            training_split="train2017",
         ),
     )
 }

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tests.conftest import TINY_CHECKPOINT
 from .conftest import free_port, huge_declared_png, image_bytes, tiny_job, write_inputs
 from .fault_proxy import FaultProxy
 from .helpers import label_map_of, read_rows
+from .processes import pids_titled, run_in_thread, wait_for
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -43,41 +43,6 @@ RAY_CPUS = 4
 
 def comparable(rows: list[dict]) -> dict[str, dict]:
     return {r["image_id"]: {k: v for k, v in r.items() if k not in VOLATILE_COLUMNS} for r in rows}
-
-
-def run_in_thread(spec) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["summary"] = run_job(spec)
-        except Exception as exc:  # handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def wait_for(condition, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def model_actor_pids() -> list[int]:
-    """Processes of Ray Data's actor pool (each hosts one SED): their title names the map worker."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"MapWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -135,24 +100,28 @@ def test_killed_model_actor_costs_a_retry_not_a_row(s3_job, undisturbed, s3_serv
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
     proxy.hold(HELD_IMAGE)
-    thread, outcome = run_in_thread(spec)
+    thread, outcome = run_in_thread(run_job, spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     wait_for(lambda: proxy.requests_held > 0, "the held image's read")
-    victims = model_actor_pids()
+    victims = pids_titled(b"MapWorker")
     assert victims, "no model actor process found"
-    for pid in victims:
-        os.kill(pid, signal.SIGSTOP)
-    proxy.release()
-    time.sleep(3)  # the held read finishes and its task's rows are handed to the frozen actor
-    assert len(committed_markers(direct, bucket)) < len(inputs), "the kill must land mid-job"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+    try:
+        for pid in victims:
+            os.kill(pid, signal.SIGSTOP)
+        proxy.release()
+        # The held read finishes and its task's rows are handed to the frozen actor: about 50 ms
+        # when measured here; this leaves a slow machine ample time.
+        time.sleep(5)
+        assert len(committed_markers(direct, bucket)) < len(inputs), "the kill must land mid-job"
+    finally:  # never leave a stopped actor behind
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     rows = read_rows(OutputStore(spec.output.url, s3_server))
     assert len(rows) == len(inputs)  # exactly one row per image: nothing lost, nothing twice
     assert comparable(rows) == expected
-    assert outcome["summary"].images == len(inputs)
+    assert outcome["result"].images == len(inputs)
 
 
 def test_killed_driver_costs_a_rerun(s3_job, undisturbed, s3_server, tmp_path):
@@ -184,7 +153,7 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
     proxy.hold(HELD_IMAGE)  # the job cannot finish before it has met both faults
-    thread, outcome = run_in_thread(spec)
+    thread, outcome = run_in_thread(run_job, spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     for fault in ("stall", "refuse"):  # each held for 3 s once the job has met it
         proxy.set(fault)
@@ -211,7 +180,7 @@ def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undistur
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
     proxy.hold(HELD_IMAGE)  # the job cannot finish before access is denied
-    thread, outcome = run_in_thread(spec)
+    thread, outcome = run_in_thread(run_job, spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     proxy.set("deny")
     thread.join(timeout=300)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.train import (
     STATE_FILE,
     checkpoint_name,
+    model_to_train,
     read_training_state,
     restore_training_state,
     run_training,
@@ -33,6 +33,8 @@ from pipeline.train import (
 from pipeline.train_data import TrainDataError, labelled_data, load_batch
 from schemas import TrainSpec
 from tests.conftest import TINY_CHECKPOINT
+
+from .processes import pids_titled, run_in_thread, wait_for
 
 CLASSES = ["sky", "tree", "road"]
 ITERATIONS = 6
@@ -160,7 +162,7 @@ def test_rerunning_a_finished_run_changes_nothing(trained):
 def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     """SIGKILL `sed-label train` (its whole process group) after its first checkpoint, run it again:
     the final weights equal the uninterrupted run's. The resumed run reads no starting weights
-    (an offline cluster resumes a run begun from downloaded ones): they are garbage by then."""
+    (an offline cluster resumes a run begun from downloaded ones): they are gone by then."""
     spec, summary = trained
     starting_weights = tmp_path / "start.pth"
     starting_weights.write_bytes(TINY_CHECKPOINT.read_bytes())
@@ -178,7 +180,7 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, reference, tmp_path):
     process.wait()
     assert state.exists(), "the run wrote no state before the deadline"
 
-    starting_weights.write_bytes(b"not a checkpoint")
+    starting_weights.unlink()
     again = run_training(resumed)
     assert 2 <= again.started_at_iteration < ITERATIONS, "the kill must land mid-run"
     assert_same_final_weights(again, summary)
@@ -189,30 +191,16 @@ def test_a_killed_worker_costs_a_new_worker_group_from_the_last_state(trained, r
     state.pt, and the run ends with the uninterrupted run's weights."""
     spec, summary = trained
     again = train_spec(reference, Path(spec.data.url), tmp_path / "out")
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(summary=run_training(again)), daemon=True)
-    thread.start()
+    thread, outcome = run_in_thread(run_training, again)
     state = tmp_path / "out" / STATE_FILE
-    deadline = time.monotonic() + 300
-    while not state.exists() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    victims = processes_titled(b"ray::RayTrainWorker")
-    assert state.exists() and victims, "no state or no training worker before the deadline"
+    wait_for(lambda: state.exists() or not thread.is_alive(), "the first state", timeout=300)
+    victims = pids_titled(b"ray::RayTrainWorker")
+    assert state.exists() and victims, outcome.get("error", "the run ended before its first state")
     os.kill(victims[0], signal.SIGKILL)
     thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
     assert "starting them again from the last state (1 of 3)" in caplog.text, "the kill must land mid-run"
-    assert_same_final_weights(outcome["summary"], summary)
-
-
-def processes_titled(title: bytes) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    assert_same_final_weights(outcome["result"], summary)
 
 
 def assert_same_final_weights(summary, expected_summary) -> None:
@@ -233,13 +221,15 @@ def test_checkpoints_state_and_tensorboard_round_trip_through_s3(s3_server, refe
 
     recipe = sed_model.Recipe(lr=1e-3, iterations=10, precision="float16")  # float16: the loss scale is state too
 
-    def fresh() -> tuple:
+    spec = train_spec(reference, Path("unused"), Path("unused"))
+
+    def fresh(state: dict | None) -> tuple:
         torch.manual_seed(0)
-        model, _ = load_model(train_spec(reference, Path("unused"), Path("unused")).model)
+        model = model_to_train(spec, state)
         optimizer = sed_model.build_optimizer(model, recipe)
         return model, optimizer, sed_model.build_schedule(optimizer, recipe), sed_model.build_grad_scaler(recipe, "cpu")
 
-    model, optimizer, schedule, scaler = fresh()
+    model, optimizer, schedule, scaler = fresh(None)
     images, targets, text = torch.stack(reference["train_images"]), reference["train_target"], reference["text_features"]
     board = TensorBoardLog(store, enabled=True)
     metrics = []
@@ -251,8 +241,9 @@ def test_checkpoints_state_and_tensorboard_round_trip_through_s3(s3_server, refe
     board.upload()
     board.close()
 
-    restored, restored_optimizer, restored_schedule, restored_scaler = fresh()
-    start, restored_metrics = restore_training_state(store, read_training_state(store), restored, restored_optimizer, restored_schedule, restored_scaler)
+    state = read_training_state(store)
+    restored, restored_optimizer, restored_schedule, restored_scaler = fresh(state)
+    start, restored_metrics = restore_training_state(store, state, restored_optimizer, restored_schedule, restored_scaler)
     assert start == 2 and restored_metrics == metrics
     for name, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +14,15 @@ import sed_model
 from pipeline.datasets import get_dataset
 from pipeline.datasets.prepared import PreparedWriter
 from pipeline.datasets.raw import Sample
-from pipeline.train_data import TrainDataError, batch_indices, labelled_data, load_batch, training_inputs, training_taxonomy
+from pipeline.train_data import (
+    TrainDataError,
+    batch_indices,
+    labelled_data,
+    load_batch,
+    read_pair,
+    training_inputs,
+    training_taxonomy,
+)
 from schemas import TrainSpec, ValidationSpec
 
 
@@ -113,8 +122,10 @@ def test_training_on_an_evaluation_split_must_be_asked_for(tmp_path):
         labelled_data(ValidationSpec(url=str(tmp_path / "train2017"), **coco), "validation")
 
     write_prepared_pc459(tmp_path / "pc459")
-    with pytest.raises(TrainDataError, match=r"data.split: pascal-context-459 has only evaluation splits \(val\)"):
+    with pytest.raises(TrainDataError, match=r"data.split: pascal-context-459 \(.*pc459\) has only evaluation splits \['val'\]"):
         labelled_data(spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459"}).data)
+    with pytest.raises(TrainDataError, match=r"data.split: coco-stuff-171 has the splits \['val2017', 'train2017'\], not 'val'"):
+        labelled_data(spec_for({"url": str(tmp_path / "val2017"), "split": "val", **coco}).data)
     with pytest.raises(ValueError, match="split applies to prepared datasets"):
         spec_for({"url": str(tmp_path / "data"), "split": "val"})
 
@@ -148,3 +159,45 @@ def test_a_folders_ignore_id_pads_the_labels(tmp_path):
     assert data.ignore_label == 7
     _, labels = load_batch(spec, data, iteration=0, rank=0, world=1)
     assert (labels[0, 40:] == 7).all() and (labels[0, :40, :40] == 0).all()
+
+
+class FlakyStorage:
+    """A file system whose reads fail with a connection reset `failures` times, then succeed."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.real = fsspec.filesystem("file")
+
+    def cat_file(self, path: str) -> bytes:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return self.real.cat_file(path)
+
+
+def test_storage_faults_are_retried_and_only_bad_data_is_a_data_error(tmp_path, monkeypatch):
+    """A fault that passes is retried; one that persists is raised as it is (the run starts new
+    workers); a missing or undecodable file is a TrainDataError (the run stops at once)."""
+    import pipeline.retry
+    import pipeline.train_data
+
+    write_folder(tmp_path / "data", count=1)
+    item = labelled_data(spec_for({"url": str(tmp_path / "data")}, ["a"]).data).items[0]
+    monkeypatch.setattr(pipeline.retry, "FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(pipeline.retry, "STORAGE_RETRY_SECONDS", 1.0)
+    storage = FlakyStorage(failures=2)
+    monkeypatch.setattr(pipeline.train_data, "filesystem", lambda url, options: (storage, url))
+    image, _ = read_pair(item, {})
+    assert image.shape == (32, 32, 3) and storage.failures == 0
+
+    storage.failures = 10**6
+    with pytest.raises(ConnectionResetError):
+        read_pair(item, {})
+    monkeypatch.undo()
+
+    (tmp_path / "data" / "images" / "img0.jpg").write_bytes(b"not a JPEG")
+    with pytest.raises(TrainDataError, match="cannot read image .*img0.jpg: UnidentifiedImageError"):
+        read_pair(item, {})
+    (tmp_path / "data" / "images" / "img0.jpg").unlink()
+    with pytest.raises(TrainDataError, match="cannot read image .*img0.jpg: FileNotFoundError"):
+        read_pair(item, {})

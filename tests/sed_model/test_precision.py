@@ -7,6 +7,7 @@ import torch
 
 import sed_model
 from sed_model import cpu_kernels
+from tests.conftest import require_cpu_kernels
 
 
 def test_bfloat16_labels_mostly_agree_with_float32(tiny_pooling1, reference):
@@ -15,11 +16,12 @@ def test_bfloat16_labels_mostly_agree_with_float32(tiny_pooling1, reference):
     fast = tiny_pooling1.predict_batch([image], text, precision="bfloat16")[0]
     assert fast.probs.dtype == torch.float32 and fast.probs.shape == exact.probs.shape
     assert not torch.equal(fast.probs, exact.probs)  # it really ran in another precision
-    assert (fast.probs - exact.probs).abs().max() < 0.01
     # The tiny model's random decoder has tiny margins between classes (98% agree here, 88% with the
-    # decoder in bfloat16 too; chance is 17%): this checks bfloat16 computes the same function, not
-    # how close a trained model gets.
-    assert (fast.labels == exact.labels).float().mean() > 0.95
+    # decoder in bfloat16 too, where the kernels are not built; chance is 17%): this checks bfloat16
+    # computes the same function, not how close a trained model gets.
+    backbone_only = tiny_pooling1.decoder_precision("bfloat16") == "float32"
+    assert (fast.probs - exact.probs).abs().max() < (0.01 if backbone_only else 0.05)
+    assert (fast.labels == exact.labels).float().mean() > (0.95 if backbone_only else 0.8)
 
 
 def test_bfloat16_early_rejection_reports_its_kept_classes(tiny_pooling1, reference, cer_cases):
@@ -43,6 +45,7 @@ def test_predictor_takes_the_precision_and_refuses_unknown_ones(tiny_pooling1, r
 def test_bfloat16_on_a_cpu_runs_only_the_backbone_in_bfloat16(tiny_pooling1, reference, monkeypatch):
     """The fused kernels are float32 only (and faster there than bfloat16 operators): the decoder
     takes the bfloat16 backbone's features in float32, through the kernels."""
+    require_cpu_kernels()
     model = tiny_pooling1
     assert model.decoder_precision("bfloat16") == "float32"
     with cpu_kernels.disabled():
@@ -61,3 +64,6 @@ def test_bfloat16_on_a_cpu_runs_only_the_backbone_in_bfloat16(tiny_pooling1, ref
     low = model.predict_low_res([image], text, precision="bfloat16")[0]
     assert calls, "the decoder did not run the kernels"
     torch.testing.assert_close(low.probs, expected, rtol=0, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not reach the decoder
+        inside = model.predict_low_res([image], text, precision="bfloat16")[0]
+    torch.testing.assert_close(inside.probs, expected, rtol=0, atol=1e-6)
