@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import OutputStore, run_job  # noqa: E402
+from pipeline.label import JobOutput, run_job  # noqa: E402
 from pipeline_throughput import write_images  # noqa: E402  (bench/ is this script's folder)
 from schemas import JobSpec  # noqa: E402
 
@@ -128,7 +128,7 @@ def run_measured(spec: JobSpec) -> dict[str, float]:
     """Run the job, sampling memory; what `measure` reports."""
     with MemorySampler() as memory:
         summary = run_job(spec)
-    store = OutputStore(spec.output.url)
+    store = JobOutput(spec.output.url)
     return {
         "images": summary.images,
         "rows": sum(marker["images"] for marker in store.committed_shards().values()),

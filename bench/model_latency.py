@@ -192,7 +192,7 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
     classes, rejection, precision = mode.split(":")
     classes = int(classes)
-    sed_model.allocator.keep_freed_memory()  # what SEDPredictor does on CPU
+    sed_model.prepare_cpu_inference()  # what the labelling job's actors do on CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if rejection == "early":

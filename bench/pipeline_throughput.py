@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 import sed_model
-from pipeline import run_job
+from pipeline.label import run_job
 from pipeline.decode import decode_image
 from pipeline.model_loading import load_model
 from pipeline.taxonomy import load_taxonomy

@@ -1,39 +1,89 @@
-"""`sed-label`: run, validate and submit labelling jobs."""
+"""`sed-label`: label, evaluate, train, report; validate and submit specs; prepare benchmarks.
+
+Every command prints its reason on one line when it fails (`--debug`: with the traceback); the Ray
+commands (`run`, `eval`, `train`) show a progress bar and keep Ray's own output in a log file
+(`jobs/console.py`; `--verbose` shows it).
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 import sed_model
-
-from pipeline.benchmark import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
 from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
+from pipeline.evaluate import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
+from pipeline.label import JobConflictError, JobSummary, run_job
 from pipeline.preflight import PreflightError, preflight, preflight_training
-from pipeline.report import build_report
-from pipeline.report.build import REPORT_HTML, ReportError
-from pipeline.run import JobSummary, run_job
+from pipeline.process import prepare_process
+from pipeline.report import REPORT_HTML, ReportError, build_report
+from pipeline.sources import InputError
 from pipeline.storage import StorageError
-from pipeline.train import run_training
-from pipeline.train_data import TrainDataError, training_inputs
+from pipeline.train import TrainDataError, run_training, training_inputs
 from schemas import ModelSpec, RaySpec
 
+from .console import LIBRARY_LOG_LEVELS, Session, session
 from .spec import SpecError, is_train_spec, load_job_spec, load_train_spec
 from .submit import submit_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic-segmentation pseudo-labels with SED on Ray.")
 
+# Errors of the user's input or environment whose message says everything: no traceback needed.
+EXPECTED_ERRORS = (
+    SpecError,
+    PreflightError,
+    JobConflictError,
+    StorageError,
+    InputError,
+    TrainDataError,
+    DatasetError,
+    BenchmarkError,
+    ReportError,
+    sed_model.TaxonomyError,
+    sed_model.CheckpointError,
+)
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+Debug = Annotated[bool, typer.Option("--debug", help="on failure, print the traceback too")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="show Ray's and the libraries' own output on the console")]
+LogLevel = Annotated[str, typer.Option(help=f"what the log file keeps: {', '.join(LIBRARY_LOG_LEVELS)}")]
+
+
+def _check_log_level(level: str) -> None:
+    if level.lower() not in LIBRARY_LOG_LEVELS:
+        raise typer.BadParameter(f"--log-level must be one of {', '.join(LIBRARY_LOG_LEVELS)}, got {level!r}")
+
+
+def _load(load: Any, path: Path) -> Any:
+    """A spec read and validated, or the command ends with the reason (`SpecError` names the fields)."""
+    try:
+        return load(path)
+    except SpecError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _fail(current: Session, exc: BaseException) -> NoReturn:
+    current.fail(exc, expected=isinstance(exc, EXPECTED_ERRORS))
     raise typer.Exit(code=2)
 
 
-def _print_summary(summary: JobSummary) -> None:
+def _options(text: str | None, name: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{name} must be a JSON object")
+    return value
+
+
+def _print_summary(summary: JobSummary, log_path: str) -> None:
     typer.echo(
         f"{summary.images} images: {summary.ok} ok, {summary.errors} errors; "
         f"{summary.shards_committed} shards committed now, {summary.shards_done_before} before; "
@@ -42,54 +92,53 @@ def _print_summary(summary: JobSummary) -> None:
     for reason, count in summary.errors_by_reason.items():
         typer.echo(f"  {count} x {reason}")
     typer.echo(f"outputs: {summary.output_url} (labels/*.parquet, coco/, labels.coco.json, summary.json)")
+    typer.echo(f"log: {log_path}")
 
 
 @app.command()
 def run(
     job: Path = typer.Argument(..., help="job spec (YAML)"),
     overwrite: bool = typer.Option(False, help="delete the results already in the output folder and label everything again"),
+    debug: Debug = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = "info",
 ) -> None:
     """Label every image of the job's input; rerun to finish an interrupted job."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        spec = load_job_spec(job)
-        preflight(spec)
-        if spec.model.weights is None:
-            typer.secho("note: model.weights is null: random weights, so the labels are meaningless (demo)", fg=typer.colors.YELLOW)
-        summary = run_job(spec, overwrite=overwrite, progress=typer.echo)
-    except (SpecError, PreflightError) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # the job's own errors (conflicts, storage) end the command with their message
-        _fail(f"{type(exc).__name__}: {exc}")
-    _print_summary(summary)
+    _check_log_level(log_level)
+    spec = _load(load_job_spec, job)
+    with session("run", spec.output.url, spec.output.storage_options, verbose, debug, log_level) as current:
+        try:
+            prepare_process()
+            preflight(spec)
+            if spec.model.weights is None:
+                current.say("note: model.weights is null: random weights, so the labels are meaningless (demo)")
+            summary = run_job(spec, overwrite=overwrite, progress=current.progress)
+        except Exception as exc:
+            _fail(current, exc)
+        current.progress.close()
+        _print_summary(summary, current.log_path)
 
 
 @app.command()
-def validate(job: Path = typer.Argument(..., help="job spec or training spec (YAML)")) -> None:
+def validate(job: Path = typer.Argument(..., help="job spec or training spec (YAML)"), debug: Debug = False) -> None:
     """Check a job spec (or a training spec) and what it points at, without running it."""
-    try:
-        if is_train_spec(job):
-            _validate_training(job)
-            return
-        spec = load_job_spec(job)
-        taxonomy = preflight(spec)
-    except (SpecError, PreflightError) as exc:
-        _fail(str(exc))
-    typer.echo(f"{job}: valid ({len(taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})")
-
-
-def _validate_training(path: Path) -> None:
-    try:
-        spec = load_train_spec(path)
-        inputs = training_inputs(spec)
-        preflight_training(spec, inputs.taxonomy)
-    except (TrainDataError, PreflightError, StorageError, sed_model.TaxonomyError) as exc:
-        _fail(str(exc))
-    validation = f", {len(inputs.validation.items)} validation images" if inputs.validation else ""
-    typer.echo(
-        f"{path}: valid training spec ({len(inputs.data.items)} training images{validation}, "
-        f"{len(inputs.taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})"
-    )
+    with session("validate", debug=debug, log_file=False) as current:
+        try:
+            if is_train_spec(job):
+                spec = load_train_spec(job)
+                inputs = training_inputs(spec)
+                preflight_training(spec, inputs.taxonomy)
+                validation = f", {len(inputs.validation.items)} validation images" if inputs.validation else ""
+                typer.echo(
+                    f"{job}: valid training spec ({len(inputs.data.items)} training images{validation}, "
+                    f"{len(inputs.taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})"
+                )
+                return
+            spec = load_job_spec(job)
+            taxonomy = preflight(spec)
+        except Exception as exc:
+            _fail(current, exc)
+        typer.echo(f"{job}: valid ({len(taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})")
 
 
 @app.command()
@@ -98,28 +147,18 @@ def submit(
     address: str = typer.Option(..., help="Ray job server, e.g. http://HEAD:8265"),
     wait: bool = typer.Option(False, help="follow the job's logs until it ends"),
     agent_wait: float = typer.Option(120.0, help="seconds to retry while a starting head has no job agent yet"),
+    debug: Debug = False,
 ) -> None:
     """Submit a labelling job (or a training run: a spec with `data:`) to a Ray cluster through Ray's job submission API."""
-    try:
-        spec = load_train_spec(job) if is_train_spec(job) else load_job_spec(job)
-    except SpecError as exc:
-        _fail(str(exc))
-    submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo, agent_wait_seconds=agent_wait)
+    with session("submit", debug=debug, log_file=False) as current:
+        try:
+            spec = load_train_spec(job) if is_train_spec(job) else load_job_spec(job)
+            submission_id, status = submit_job(spec, address, wait=wait, echo=typer.echo, agent_wait_seconds=agent_wait)
+        except Exception as exc:
+            _fail(current, exc)
     typer.echo(f"submitted {submission_id} to {address}: {status}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(code=1)
-
-
-def _options(text: str | None, name: str) -> dict:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        _fail(f"{name} must be a JSON object: {exc}")
-    if not isinstance(value, dict):
-        _fail(f"{name} must be a JSON object")
-    return value
 
 
 @app.command()
@@ -131,20 +170,24 @@ def report(
     storage_options: str = typer.Option(None, help="fsspec options for the output, as JSON"),
     input_storage_options: str = typer.Option(None, help="fsspec options for re-reading the source images, as JSON"),
     ground_truth_storage_options: str = typer.Option(None, help="fsspec options for the ground truth, as JSON"),
+    debug: Debug = False,
 ) -> None:
     """Write report.json and a self-contained report.html beside a job's outputs."""
-    try:
-        result = build_report(
-            output_url,
-            storage_options=_options(storage_options, "--storage-options"),
-            input_storage_options=_options(input_storage_options, "--input-storage-options"),
-            ground_truth=ground_truth,
-            ground_truth_options=_options(ground_truth_storage_options, "--ground-truth-storage-options"),
-            semantics="legacy" if legacy_miou else "detectron2",
-            gallery_size=gallery,
-        )
-    except ReportError as exc:
-        _fail(str(exc))
+    options = _options(storage_options, "--storage-options")
+    with session("report", output_url, options, debug=debug) as current:
+        try:
+            prepare_process()
+            result = build_report(
+                output_url,
+                storage_options=options,
+                input_storage_options=_options(input_storage_options, "--input-storage-options"),
+                ground_truth=ground_truth,
+                ground_truth_options=_options(ground_truth_storage_options, "--ground-truth-storage-options"),
+                semantics="legacy" if legacy_miou else "detectron2",
+                gallery_size=gallery,
+            )
+        except Exception as exc:
+            _fail(current, exc)
     labels = result["labels"]
     typer.echo(f"{labels['images']} images ({labels['ok']} ok, {labels['errors']} errors) in {result['shards_committed']} shards")
     if "ground_truth" in result and result["ground_truth"].get("metrics"):
@@ -156,55 +199,66 @@ def report(
 @app.command()
 def prepare(
     name: str = typer.Argument(..., help=f"the dataset: {', '.join(DATASETS)}"),
-    raw_root: str = typer.Argument(..., help="the official download's folder (any fsspec URL); README lists which one"),
+    raw_root: str = typer.Argument(..., help="the official download's folder (any fsspec URL); docs/evaluation.md lists which one"),
     output: str = typer.Option(None, help="where the prepared dataset goes (default: datasets/NAME)"),
     split: str = typer.Option(None, help="coco-stuff-171 only: val2017 (default) or train2017"),
     storage_options: str = typer.Option(None, help="fsspec options for RAW_ROOT, as JSON"),
     output_storage_options: str = typer.Option(None, help="fsspec options for --output, as JSON"),
     limit: int = typer.Option(None, min=1, help="convert only the first N images (a quick check of a download)"),
+    debug: Debug = False,
 ) -> None:
     """Turn an official benchmark download into label maps exactly as the SED paper prepared them."""
-    try:
-        prepare_dataset(
-            name,
-            raw_root,
-            output or f"datasets/{name}",
-            split=split,
-            storage_options=_options(storage_options, "--storage-options"),
-            output_storage_options=_options(output_storage_options, "--output-storage-options"),
-            limit=limit,
-            progress=typer.echo,
-        )
-    except (DatasetError, StorageError) as exc:
-        _fail(str(exc))
+    output = output or f"datasets/{name}"
+    output_options = _options(output_storage_options, "--output-storage-options")
+    with session("prepare", output, output_options, debug=debug) as current:
+        try:
+            prepare_dataset(
+                name,
+                raw_root,
+                output,
+                split=split,
+                storage_options=_options(storage_options, "--storage-options"),
+                output_storage_options=output_options,
+                limit=limit,
+                progress=current.say,
+            )
+        except Exception as exc:
+            _fail(current, exc)
 
 
 @app.command()
-def train(spec_file: Path = typer.Argument(..., help="training spec (YAML)")) -> None:
+def train(
+    spec_file: Path = typer.Argument(..., help="training spec (YAML)"),
+    debug: Debug = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = "info",
+) -> None:
     """Train or fine-tune SED with the paper's recipe on Ray Train; rerun to resume an interrupted run."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        spec = load_train_spec(spec_file)
-        summary = run_training(spec)
-    except (SpecError, TrainDataError, PreflightError, StorageError) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # model, checkpoint or Ray failures end the command with their message
-        _fail(f"{type(exc).__name__}: {exc}")
-    resumed = f" (resumed at iteration {summary.started_at_iteration})" if summary.started_at_iteration else ""
-    typer.echo(
-        f"trained {summary.iterations} iterations{resumed} in {summary.seconds:.1f} s; "
-        f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
-    )
-    if summary.validation is not None:
-        v = summary.validation
-        history = ", ".join(f"{miou:.1f} ({done})" for done, miou in summary.validation_miou)
-        typer.echo(f"validation mIoU (after iterations): {history}")
+    _check_log_level(log_level)
+    spec = _load(load_train_spec, spec_file)
+    with session("train", spec.output.url, spec.output.storage_options, verbose, debug, log_level) as current:
+        try:
+            prepare_process()
+            summary = run_training(spec, progress=current.progress)
+        except Exception as exc:
+            _fail(current, exc)
+        current.progress.close()
+        resumed = f" (resumed at iteration {summary.started_at_iteration})" if summary.started_at_iteration else ""
         typer.echo(
-            f"last validation, after iteration {v['iteration'] + 1} ({v['val_images']} images): "
-            f"mIoU {v['val_mIoU']:.2f}, pACC {v['val_pACC']:.2f}, mACC {v['val_mACC']:.2f}"
+            f"trained {summary.iterations} iterations{resumed} in {summary.seconds:.1f} s; "
+            f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
         )
-    typer.echo(f"checkpoints: {', '.join(summary.checkpoints)}")
-    typer.echo(f"metrics: {summary.output_url}/metrics.jsonl")
+        if summary.validation is not None:
+            v = summary.validation
+            history = ", ".join(f"{miou:.1f} ({done})" for done, miou in summary.validation_miou)
+            typer.echo(f"validation mIoU (after iterations): {history}")
+            typer.echo(
+                f"last validation, after iteration {v['iteration'] + 1} ({v['val_images']} images): "
+                f"mIoU {v['val_mIoU']:.2f}, pACC {v['val_pACC']:.2f}, mACC {v['val_mACC']:.2f}"
+            )
+        typer.echo(f"checkpoints: {', '.join(summary.checkpoints)}")
+        typer.echo(f"metrics: {summary.output_url}/metrics.jsonl")
+        typer.echo(f"log: {current.log_path}")
 
 
 @app.command("eval")
@@ -222,29 +276,34 @@ def evaluate_benchmark(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     address: str = typer.Option(None, help="a Ray cluster ('auto', ray://HOST:PORT); default: an embedded local Ray"),
     storage_options: str = typer.Option(None, help="fsspec options for --root, as JSON"),
+    debug: Debug = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = "info",
 ) -> None:
     """Evaluate SED on a prepared benchmark under the paper's protocol; print mIoU beside the paper's."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        settings = BenchmarkSettings(
-            dataset=dataset,
-            root=root,
-            # Actors may run in another directory: a relative local path means "from here".
-            model=ModelSpec(clip_model=model_from_argument(model), weights=weights if "://" in weights else os.path.abspath(weights)),
-            top_k=top_k,
-            batch_size=batch_size,
-            limit=limit,
-            device=device,
-            ray=RaySpec(address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor),
-            storage_options=_options(storage_options, "--storage-options"),
-        )
-        result = run_benchmark(settings, progress=typer.echo)
-        if output is not None:
-            save_result(result, output)
-    except (BenchmarkError, DatasetError, StorageError) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # model, checkpoint or Ray failures end the command with their message
-        _fail(f"{type(exc).__name__}: {exc}")
+    _check_log_level(log_level)
+    options = _options(storage_options, "--storage-options")
+    with session("eval", verbose=verbose, debug=debug, log_level=log_level) as current:
+        try:
+            prepare_process()
+            settings = BenchmarkSettings(
+                dataset=dataset,
+                root=root,
+                # Actors may run in another directory: a relative local path means "from here".
+                model=ModelSpec(clip_model=model_from_argument(model), weights=weights if "://" in weights else os.path.abspath(weights)),
+                top_k=top_k,
+                batch_size=batch_size,
+                limit=limit,
+                device=device,
+                ray=RaySpec(address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor),
+                storage_options=options,
+            )
+            result = run_benchmark(settings, progress=current.progress)
+            if output is not None:
+                save_result(result, output)
+        except Exception as exc:
+            _fail(current, exc)
+        current.progress.close()
     for line in summary_lines(result):
         typer.echo(line)
     if output is not None:

@@ -2,7 +2,11 @@
 
 EXIF orientation is applied; grayscale, palette, RGBA/LA, CMYK, 16-bit and float images become
 8-bit RGB; animated images give their first frame; images with more than `max_pixels` pixels are
-refused from their header, before any pixel is decoded (decompression bombs).
+refused from their header, before any pixel is decoded (decompression bombs). That limit replaces
+PIL's own, which `process.prepare_process` lifts; where it has not been called, PIL's also applies.
+
+Every job decodes with it: labelling and evaluation (the read stage), training and validation,
+and the report's gallery, so an image looks the same to all of them.
 """
 
 from __future__ import annotations
@@ -13,19 +17,21 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from schemas import DEFAULT_MAX_PIXELS
+
 
 class DecodeError(ValueError):
     """An image that cannot be turned into RGB; the message is the error row's reason."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Our own pixel limit (checked from the header below) replaces PIL's bomb heuristics.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = _open_unlimited(data)
+            image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise DecodeError("not an image: no known image format matches these bytes") from None
         except Image.DecompressionBombError as exc:
@@ -44,16 +50,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return _to_rgb(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DecodeError(f"corrupt or truncated image ({image.format}): {exc}") from None
-
-
-def _open_unlimited(data: bytes) -> Image.Image:
-    """`Image.open` without PIL's global pixel cap, which would override `max_pixels` upward."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        return Image.open(io.BytesIO(data))
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

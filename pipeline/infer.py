@@ -17,6 +17,7 @@ import sed_model
 from schemas import STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
 
 from .model_loading import load_model, resolve_device
+from .process import prepare_process
 
 UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence)
 
@@ -34,6 +35,7 @@ class SEDInference:
         self.model_spec = ModelSpec(**model)
         self.settings = InferenceSpec(**inference)
         device = resolve_device(self.settings.device)
+        prepare_process(device)
         model_, loaded_hash = load_model(self.model_spec, device)
         if loaded_hash != checkpoint_hash:
             raise RuntimeError(

@@ -1,17 +1,24 @@
-"""fsspec helpers shared by the pipeline's readers and writers."""
+"""Storage through fsspec, shared by every job: URLs to filesystems, atomic writes, and
+`OutputStore`, the retried reads and writes of one output folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
+
+from .retry import is_storage_error, with_retries
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -60,10 +67,6 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str, start: int | None = None, end: int | None = None) -> bytes:
-    return fs.cat_file(path, start=start, end=end)
-
-
 def upload_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
     """Copy a local file to `path` as one object (atomically, as `write_bytes` does)."""
     parent = posixpath.dirname(path)
@@ -75,3 +78,64 @@ def upload_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> No
         os.replace(temporary, path)
     else:
         fs.put_file(local_path, path)
+
+
+class OutputStore:
+    """Reads and writes the files of one output folder (a job's, a training run's), through fsspec.
+
+    Every call is retried on transient storage faults (`retry.py`); a storage error that persists
+    or cannot be retried raises `StorageError` naming the file. Other errors (bugs) propagate as
+    they are, with their traceback.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs, self.root = filesystem(url, storage_options)
+        self.root = self.root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        return to_url(self.fs, self.path(*parts))
+
+    def _io(self, action: str, relative: str, call: Callable[[], T]) -> T:
+        url = self.url_of(relative) if relative else self.url
+        try:
+            return with_retries(call, f"{action} {url}")
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            raise StorageError(f"cannot {action} {url}: {type(exc).__name__}: {exc}") from exc
+
+    def write(self, relative: str, data: bytes) -> None:
+        self._io("write", relative, lambda: write_bytes(self.fs, self.path(relative), data))
+
+    def upload(self, relative: str, local_path: str) -> None:
+        self._io("write", relative, lambda: upload_file(self.fs, local_path, self.path(relative)))
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self._io("read", relative, lambda: self.fs.cat_file(self.path(relative)))
+
+    def exists(self, relative: str) -> bool:
+        return self._io("check", relative, lambda: self.fs.exists(self.path(relative)))
+
+    def list(self, relative: str) -> list[str]:
+        """The files below `relative` (full paths within the filesystem), fresh from the storage."""
+        # Other processes write too: a listing cached by this filesystem object may be stale.
+        self.fs.invalidate_cache(self.path(relative))
+        if not self.exists(relative):
+            return []
+        return sorted(self._io("list", relative, lambda: self.fs.find(self.path(relative))))
+
+    def remove(self, relative: str) -> None:
+        if self.exists(relative):
+            self._io("remove", relative, lambda: self.fs.rm(self.path(relative), recursive=True))
+
+    def read_json(self, relative: str) -> dict[str, Any] | None:
+        if not self.exists(relative):
+            return None
+        return json.loads(self.read_bytes(relative))
+
+    def write_json(self, relative: str, record: dict[str, Any]) -> None:
+        self.write(relative, json.dumps(record, indent=2, sort_keys=True).encode())

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 JOB_SPEC_VERSION = 1
 OUTPUT_FORMATS = ("parquet", "coco", "png")
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class _Spec(BaseModel):
@@ -25,7 +26,7 @@ class InputSpec(_Spec):
     shard_size: int = Field(256, ge=1, description="images per output shard (the unit of commit and resume)")
     image_column: str = Field("image", description="Parquet inputs: the column with encoded image bytes (or a struct with 'bytes')")
     id_column: str | None = Field(None, description="Parquet inputs: a column with image ids (default: file#row)")
-    max_pixels: int = Field(100_000_000, ge=1, description="images with more pixels are error rows (decompression bombs)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are error rows (decompression bombs)")
 
 
 class TaxonomySpec(_Spec):

@@ -8,6 +8,7 @@ reader for the previous version (see `read_labels_table`).
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 LABELS_SCHEMA_VERSION = 1
 
@@ -55,6 +56,12 @@ def read_labels_table(table: pa.Table) -> pa.Table:
     if int(version) != LABELS_SCHEMA_VERSION:
         raise ValueError(f"labels schema version {int(version)} is not readable by this version ({LABELS_SCHEMA_VERSION})")
     return table
+
+
+def read_labels_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A labels Parquet file's bytes -> its table (only `columns`, if given), checked by `read_labels_table`."""
+    table = pq.read_table(pa.BufferReader(data), columns=columns)
+    return read_labels_table(table)
 
 
 # PNG label maps: uint8 with 255 = unlabeled up to 254 classes, else uint16 with 65535 = unlabeled.

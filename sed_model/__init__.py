@@ -13,7 +13,7 @@ from .config import PRESETS, SEDConfig, UnknownModelError
 from .loss import sed_loss
 from .factory import create_model
 from .model import SED, Prediction, build_sed, cost_volume
-from .predictor import SEDPredictor
+from .predictor import SEDPredictor, prepare_cpu_inference
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes, taxonomy_hash
 from .train_step import Recipe, build_grad_scaler, build_optimizer, build_schedule, train_step, training_precision
 from .transforms import resize_shortest_edge
@@ -40,6 +40,7 @@ __all__ = [
     "encode_classes",
     "load_checkpoint",
     "load_clip_weights",
+    "prepare_cpu_inference",
     "read_checkpoint",
     "resize_shortest_edge",
     "save_checkpoint",

@@ -89,7 +89,7 @@ def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     y = block.conv_dw(x)
     activation = activation_name(mlp.act)
-    # Measured on a 2-core AMD EPYC (Zen 5): the 128 -> 512 -> 128 MLP at 192x192 1.26x faster
+    # Measured on a 2-core AMD EPYC with AVX-512: the 128 -> 512 -> 128 MLP at 192x192 1.26x faster
     # than oneDNN's products (313 against 394 GFLOP/s); from 256 channels on oneDNN's are as fast.
     fused = activation == "gelu" and isinstance(block.norm, nn.LayerNorm) and block.gamma is not None and isinstance(block.shortcut, nn.Identity)
     if fused and cpu_kernels.mlp_usable(y, mlp.fc1, mlp.fc2) and x.is_contiguous(memory_format=torch.channels_last):

@@ -69,11 +69,6 @@ class SEDConfig:
             if c % 16:
                 raise ValueError(f"SEDConfig.decoder_dims must be multiples of 16 (GroupNorm C/16), got {c}")
 
-    @property
-    def feature_resolution(self) -> int:
-        """Side of the backbone's stride-32 map, where the cost volume lives (24 for 768)."""
-        return self.image_size // 32
-
     def open_clip_config(self) -> dict[str, Any]:
         """The OpenCLIP model config dict this SED is built on (a copy; safe to modify)."""
         return resolve_clip_config(self.clip_model)[0]

@@ -42,9 +42,9 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }
 # The MLP kernel runs MLPs up to this width (C -> 4C -> C; SED's decoder has 32, 64 and 128):
-# measured side by side on a 2-core AMD EPYC (Zen 3), at C = 32 and 64 it is 1.2-1.9x faster than
+# measured side by side on a 2-core AMD EPYC with AVX2, at C = 32 and 64 it is 1.2-1.9x faster than
 # oneDNN's products with the hidden activation in memory, at 128 equal alone and ~3% faster in the
-# decoder (its LayerNorm inside); on Zen 5 with 16-float vectors ConvNeXt-B's first backbone stage
+# decoder (its LayerNorm inside); on an AVX-512 EPYC with 16-float vectors ConvNeXt-B's first backbone stage
 # (128) 1.26x faster, from 256 on equal or slower, so wider layers stay with oneDNN.
 MLP_KERNEL_MAX_CHANNELS = 128
 _enabled = os.environ.get("SED_CPU_KERNELS", "1") != "0"
@@ -278,7 +278,7 @@ _WINOGRAD_G = torch.tensor(
 )
 _WINOGRAD_WEIGHT_MAP = torch.kron(_WINOGRAD_G, _WINOGRAD_G)
 # The Winograd kernel takes the 3x3 convolutions from this many input channels on: measured on a
-# 2-core AMD EPYC (Zen 3) against oneDNN's direct kernel, 1.4x faster at 16 -> 16 channels (the
+# 2-core AMD EPYC with AVX2 against oneDNN's direct kernel, 1.4x faster at 16 -> 16 channels (the
 # last stage's second conv) and 1.6-2.2x from 32 on (the fusion convs, the other second convs).
 WINOGRAD_MIN_CHANNELS = 16
 _winograd_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()

@@ -266,7 +266,8 @@ def group_norm_relu(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | Non
 
 
 class DoubleConv(nn.Module):
-    """(3x3 conv without bias, GroupNorm(C/16), ReLU) twice."""
+    """(3x3 conv without bias, GroupNorm(C/16), ReLU) twice: the layers, under the checkpoint's
+    names; `UpStage` runs them inside its own passes (the appearance term added before the first)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -278,9 +279,6 @@ class DoubleConv(nn.Module):
             nn.GroupNorm(out_channels // 16, out_channels),
             nn.ReLU(inplace=True),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.double_conv(x)
 
 
 class UpStage(nn.Module):
@@ -530,7 +528,7 @@ def _conv_norm_relu(
 
     In CPU float32 inference the Winograd kernel adds `add` and sums what it writes per row and
     channel, so GroupNorm reads its input once instead of twice, and the add has no pass of its
-    own (measured on a 2-core AMD EPYC (Zen 5), side by side in both orders: the decoder 1-13%
+    own (measured on a 2-core AMD EPYC with AVX-512, side by side in both orders: the decoder 1-13%
     faster at T=150, about 4% taking out the advantage of running first; equal at T=32).
     """
     add_usable = add is None or add.is_contiguous(memory_format=torch.channels_last)
@@ -561,7 +559,7 @@ def _winograd_applies(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, s
 
 def _up_relu(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
     """`relu(up(x))` for a 2x2 transposed conv with stride 2; in CPU float32 inference by the
-    transposed-conv kernel (measured on a 2-core AMD EPYC (Zen 5): the correlation guidance's
+    transposed-conv kernel (measured on a 2-core AMD EPYC with AVX-512: the correlation guidance's
     80 -> 32, 32 -> 16 and 16 -> 8 projections 10-20% faster than oneDNN's kernel alone; the
     decoder at T=150 5-16% faster side by side in the two orders)."""
     if not cpu_kernels.transposed_conv2x2_usable(x, up):

@@ -5,8 +5,8 @@ The decoder's `conv1` maps each class's cost volume (80 template channels on the
 layer per class. Through the FFT it is one product of a (rows x 80) by an (80 x 128) complex
 matrix per frequency, about 15x fewer multiplications, and its float32 error is smaller than the
 direct convolution's (measured against float64: about 1e-6 against 9e-6 for oneDNN's direct
-kernel). Measured on a 2-core AMD EPYC (Zen 3): 2.0-2.7 ms per class against 4.7-7.2 ms; since
-the smaller transform size and the contiguous product (session 20) 0.5 ms per class on Zen 5.
+kernel). Measured on a 2-core AMD EPYC with AVX2: 2.0-2.7 ms per class against 4.7-7.2 ms; since
+with the smallest exact transform size and a contiguous product, 0.5 ms per class on an AVX-512 EPYC.
 
 The weight's spectrum (39 MB for SED's conv1) is computed once and kept while the weight is
 unchanged (`SpectrumCache`).

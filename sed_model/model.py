@@ -178,7 +178,7 @@ class SED(nn.Module):
         """The decoder's precision in inference at `precision`.
 
         bfloat16 decodes in float32 on a CPU with this package's fused kernels: they are float32
-        only, and there faster than PyTorch's bfloat16 operators (1.5x on a Zen 5 EPYC, which runs
+        only, and there faster than PyTorch's bfloat16 operators (1.5x on an AVX-512 EPYC, which runs
         bfloat16 natively) as well as exact. Only the backbone then runs in bfloat16. On a CPU the
         first call builds or loads the kernels (`cpu_kernels.prepare`).
         """

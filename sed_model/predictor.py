@@ -19,13 +19,26 @@ from .text import IMAGENET_TEMPLATES, taxonomy_hash
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
 
 
+def prepare_cpu_inference() -> bool:
+    """Set this process up for fast CPU inference; call it once, before the first image.
+
+    Two process-wide effects, so they are an explicit call rather than a side effect of building
+    a predictor: the C library's allocator keeps freed memory for reuse (`allocator.py`: the
+    model's large temporaries then cost no fresh page faults at every call), and the decoder's
+    fused kernels (`cpu_kernels.py`) are built or loaded now, so a fresh machine's one-time build
+    (about 20 s) happens here rather than inside the first batch. Returns whether the kernels are
+    usable; without this call they are built at the first inference and the allocator is left as
+    it is.
+    """
+    keep_freed_memory()
+    return cpu_kernels.prepare()
+
+
 class SEDPredictor:
     """`set_taxonomy` once, then `predict` / `predict_batch` many times.
 
-    On CPU it sets this process's allocator to keep freed memory for reuse (`allocator.py`): the
-    model's large temporaries then cost no fresh page faults at every call. In float32 on CPU it
-    also builds or loads the decoder's fused kernels (`cpu_kernels.py`) here, so a fresh machine's
-    one-time build (about 20 s) happens with the model's loading, not inside the first batch.
+    For CPU inference call `prepare_cpu_inference()` once per process first (the labelling job's
+    actors do).
     """
 
     def __init__(
@@ -42,9 +55,6 @@ class SEDPredictor:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.model = model.eval()
-        if self.model.device.type == "cpu":
-            keep_freed_memory()
-            cpu_kernels.prepare()  # both precisions decode with them (`SED.decoder_precision`)
         self.top_k = top_k
         self.short_edge = short_edge
         self.max_size = max_size

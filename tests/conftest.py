@@ -1,25 +1,13 @@
-"""Shared test fixtures: the reference material in ../shared/reference and tiny SED models."""
+"""Shared test fixtures: the reference material in ../shared/reference and tiny SED models
+(plain helpers live in `tests/helpers.py`)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
 
 import sed_model
 from sed_model import cpu_kernels
-
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TINY_CHECKPOINT = REFERENCE_DIR / "sed_tiny_official_format.pth"
-
-
-def load_reference(name: str) -> dict:
-    path = REFERENCE_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(f"reference fixture {path} is missing: tests need ../shared/reference beside the repo")
-    return torch.load(path, weights_only=True)
+from tests.helpers import load_reference, require_cpu_kernels, tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +25,6 @@ def eval_protocol() -> dict:
     return load_reference("sed_tiny_eval_protocol.pt")
 
 
-def tiny_model(clip_cfg: dict, eval_pooling: int) -> sed_model.SED:
-    model = sed_model.build_sed(sed_model.SEDConfig(clip_model=clip_cfg, eval_pooling=eval_pooling))
-    sed_model.load_checkpoint(model, str(TINY_CHECKPOINT))
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_pooling2(reference) -> sed_model.SED:
     """The fixture checkpoint with class-attention pooling 2x2, as the `eval_*`/`cer_*` tensors were made."""
@@ -53,21 +35,6 @@ def tiny_pooling2(reference) -> sed_model.SED:
 def tiny_pooling1(reference) -> sed_model.SED:
     """The fixture checkpoint with the paper's evaluation pooling (1x1), the product's default."""
     return tiny_model(reference["clip_cfg"], eval_pooling=1)
-
-
-def two_images_40_classes(model, reference, cer_cases) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The decoder's inputs (cost volume, appearance features) for two fixture images and 40 classes."""
-    with torch.no_grad():
-        features = model.dense_features([reference["images"][0], reference["images"][1]])
-        cost = sed_model.cost_volume(features["clip_vis_dense"], cer_cases["text_features"][:40])
-    return cost, (features["res4"], features["res3"], features["res2"])
-
-
-def require_cpu_kernels() -> None:
-    """Skip where no C++ compiler is (the kernels cannot be built); elsewhere their build must succeed."""
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler: SED's fused CPU kernels cannot be built here")
-    assert cpu_kernels.available(), "SED's fused CPU kernels failed to build (see the warning)"
 
 
 @pytest.fixture(params=["fused_kernels", "torch_operators"])

@@ -1,5 +1,8 @@
-"""Pseudo-label quality reports: streamed statistics (`stats`), agreement with ground truth, HTML."""
+"""Pseudo-label quality reports: streamed statistics (`stats`), agreement with ground truth, HTML.
 
-from .build import build_report
+Entry point: `build_report(output_url)`.
+"""
 
-__all__ = ["build_report"]
+from .build import REPORT_HTML, REPORT_JSON, ReportError, build_report
+
+__all__ = ["REPORT_HTML", "REPORT_JSON", "ReportError", "build_report"]

@@ -7,19 +7,20 @@ import posixpath
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
-from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..commit import JOB_FILE, OutputStore
+from schemas import DEFAULT_MAX_PIXELS
+
+from ..datasets import DatasetError, read_label_map
+from ..datasets.labelmaps import IGNORE_UINT8, IGNORE_UINT16
 from ..decode import DecodeError, decode_image
-from ..evaluate import SemSegEvaluator
 from ..infer import UNLABELED
+from ..label.commit import JOB_FILE, JobOutput
+from ..metrics import SemSegEvaluator
 from ..sources import read_images
-from ..storage import filesystem
+from ..storage import filesystem, to_url
 from . import figures
 from .stats import ImageSummary, LabelStatistics
 
@@ -47,6 +48,7 @@ class _GroundTruth:
     def __init__(self, url: str, classes: list[str], storage_options: dict[str, Any], semantics: str) -> None:
         self.fs, self.root = filesystem(url, storage_options)
         self.root = self.root.rstrip("/")
+        self.storage_options = storage_options
         self.evaluators: dict[int, SemSegEvaluator] = {}
         self.classes = classes
         self.semantics = semantics
@@ -63,16 +65,14 @@ class _GroundTruth:
             if len(self.missing) < 20:
                 self.missing.append(row["image_id"])
             return
-        with self.fs.open(path, "rb") as f:
-            truth = np.array(Image.open(f))
-        if truth.shape != (row["height"], row["width"]):
-            raise ReportError(
-                f"ground truth {path} has shape {truth.shape}; expected a single-channel label map of "
-                f"shape ({row['height']}, {row['width']}) like its image"
-            )
-        ignore = 255 if truth.dtype == np.uint8 else 65535
-        evaluator = self.evaluators.setdefault(ignore, SemSegEvaluator(self.classes, ignore_label=ignore, semantics=self.semantics))
-        evaluator.process(label_map_of(row), truth)
+        url = to_url(self.fs, path)
+        try:
+            truth = read_label_map(url, self.storage_options)
+            ignore = IGNORE_UINT8 if truth.dtype == np.uint8 else IGNORE_UINT16
+            evaluator = self.evaluators.setdefault(ignore, SemSegEvaluator(self.classes, ignore_label=ignore, semantics=self.semantics))
+            evaluator.process(label_map_of(row), truth)
+        except (DatasetError, ValueError) as exc:
+            raise ReportError(f"ground truth {url}: {exc}") from exc
         self.matched += 1
 
     def results(self) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class _GroundTruth:
         }
 
 
-def _gallery(store: OutputStore, entries: list[ImageSummary], colours: np.ndarray, classes: list[str], options: dict) -> list[dict]:
+def _gallery(store: JobOutput, entries: list[ImageSummary], colours: np.ndarray, classes: list[str], options: dict) -> list[dict]:
     """Overlays for some images: the source is read again through the job's plan."""
     if not entries:
         return []
@@ -105,7 +105,7 @@ def _gallery(store: OutputStore, entries: list[ImageSummary], colours: np.ndarra
         try:
             if isinstance(value, Exception):
                 raise DecodeError(str(value))
-            image = decode_image(value, options.get("max_pixels", 100_000_000))
+            image = decode_image(value, options.get("max_pixels", DEFAULT_MAX_PIXELS))
             item["picture"] = figures.overlay(image, label_map_of(entry.row), colours, int(UNLABELED))
         except DecodeError as exc:
             item["unavailable"] = f"source not readable for the gallery: {exc}"
@@ -130,7 +130,7 @@ def build_report(
     `storage_options` are for the output folder, `input_storage_options` for reading the source
     images of the gallery again, `ground_truth_options` for the ground-truth label maps.
     """
-    store = OutputStore(output_url, storage_options)
+    store = JobOutput(output_url, storage_options)
     record = store.read_json(JOB_FILE)
     if record is None:
         raise ReportError(f"{output_url} holds no sed-label job (no {JOB_FILE})")
@@ -138,9 +138,8 @@ def build_report(
     stats = LabelStatistics(classes, gallery_size=gallery_size)
     truth = _GroundTruth(ground_truth, classes, ground_truth_options or {}, semantics) if ground_truth else None
     markers = store.committed_shards()
-    for shard, marker in sorted(markers.items()):
-        table = pq.read_table(pa.BufferReader(store.read_bytes(marker["files"][0])))
-        for row in table.to_pylist():
+    for _, marker in sorted(markers.items()):
+        for row in store.read_labels(marker).to_pylist():
             stats.add_row(row)
             if truth is not None and row["status"] == "ok":
                 truth.add(row)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from schemas import STATUS_OK
 
@@ -52,10 +51,6 @@ class LabelStatistics:
         self._sample: list[ImageSummary] = []
         self._random = random.Random(self.seed)
         self._seen_ok = 0
-
-    def add_table(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            self.add_row(row)
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.images += 1

@@ -49,7 +49,7 @@ inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 // The products' vectors (the micro-kernel below, its activations and its stores): the widest the
 // build's instruction set has. With AVX-512 they are 16 floats, which doubles the multiplications
-// per instruction on CPUs whose FMA units are 512 bits wide (AMD Zen 5: oneDNN's 3x3 convolution
+// per instruction on CPUs whose FMA units are 512 bits wide (AMD EPYC with AVX-512: oneDNN's 3x3 convolution
 // reaches ~500 GFLOP/s on two cores, the 8-float kernels half of that); the memory-bound kernels
 // keep 8-float vectors, which every SED channel count divides.
 #if defined(__AVX512F__)

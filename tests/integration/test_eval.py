@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 import sed_model
 from jobs.cli import app
 from pipeline.datasets import get_dataset, prepare_dataset
-from tests.conftest import TINY_CHECKPOINT
+from tests.helpers import TINY_CHECKPOINT
 
-from .conftest import image_bytes
+from .helpers import image_bytes
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

@@ -11,12 +11,11 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline import JobConflictError, OutputStore, run_job
-from pipeline.commit import COMMITTED_DIR, JOB_FILE, MERGED_COCO_FILE
+from pipeline.label import JobConflictError, JobOutput, run_job
+from pipeline.label.commit import COMMITTED_DIR, JOB_FILE, MERGED_COCO_FILE
 from pipeline.model_loading import load_model
 
-from .conftest import tiny_job, write_inputs
-from .helpers import label_map_of, model_labels, read_rows
+from .helpers import label_map_of, model_labels, read_rows, tiny_job, write_inputs
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -28,7 +27,7 @@ def finished_job(tmp_path_factory, reference, local_ray):
     inputs = write_inputs(root / "images")
     spec = tiny_job(reference, str(root / "images"), str(root / "out"))
     summary = run_job(spec)
-    return spec, inputs, summary, OutputStore(spec.output.url)
+    return spec, inputs, summary, JobOutput(spec.output.url)
 
 
 def test_every_image_is_one_row_with_the_right_status(finished_job):
@@ -107,7 +106,7 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, reference):
     inputs = write_inputs(tmp_path / "images")
     spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), inference__top_k=None)
     run_job(spec)
-    store = OutputStore(spec.output.url)
+    store = JobOutput(spec.output.url)
     before = {r["image_id"]: r for r in read_rows(store)}
     # A crash after a shard's files but before its marker; and one before any file of another.
     os.remove(store.path(COMMITTED_DIR, "000001.json"))
@@ -133,12 +132,12 @@ def test_memory_urls_for_input_and_output(reference):
     spec = tiny_job(reference, f"memory://images-{id(fs)}/", f"memory://out-{id(fs)}/")
     summary = run_job(spec)
     assert summary.images == 12 and summary.errors == 4
-    rows = read_rows(OutputStore(spec.output.url))
+    rows = read_rows(JobOutput(spec.output.url))
     assert len(rows) == 12
 
 
 def write_inputs_to_memory(fs):
-    from .conftest import job_inputs
+    from .helpers import job_inputs
 
     inputs = job_inputs()
     for name, (data, _, _) in inputs.items():
@@ -153,7 +152,7 @@ def test_tar_shards_and_parquet_inputs(tmp_path, reference):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .conftest import image_bytes
+    from .helpers import image_bytes
 
     folder = tmp_path / "inputs"
     folder.mkdir()
@@ -166,7 +165,7 @@ def test_tar_shards_and_parquet_inputs(tmp_path, reference):
     pq.write_table(table, folder / "part-0.parquet")
     spec = tiny_job(reference, str(folder), str(tmp_path / "out"), input__id_column="key")
     summary = run_job(spec)
-    rows = {r["image_id"]: r for r in read_rows(OutputStore(spec.output.url))}
+    rows = {r["image_id"]: r for r in read_rows(JobOutput(spec.output.url))}
     assert sorted(rows) == ["p-1", "p-2", "shard-0000.tar/bad.png", "shard-0000.tar/cat.jpg"]
     assert rows["shard-0000.tar/bad.png"]["status"] == "error"
     assert (rows["p-2"]["width"], rows["p-2"]["height"]) == (40, 60)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from pipeline import OutputStore, run_job
-from pipeline.commit import JOB_FILE, MERGED_COCO_FILE
-from tests.conftest import TINY_CHECKPOINT
+from pipeline.label import JobOutput, run_job
+from pipeline.label.commit import JOB_FILE, MERGED_COCO_FILE
+from tests.helpers import TINY_CHECKPOINT
 
-from .conftest import tiny_job, write_inputs
-from .helpers import read_rows
+from .helpers import read_rows, tiny_job, write_inputs
 
 s3fs = pytest.importorskip("s3fs")
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -35,7 +34,7 @@ def test_images_and_weights_from_s3_labels_to_s3(s3_server, tmp_path, reference)
     summary = run_job(spec)
     assert summary.images == len(inputs) and summary.errors == 4
 
-    store = OutputStore(spec.output.url, spec.output.storage_options)
+    store = JobOutput(spec.output.url, spec.output.storage_options)
     rows = read_rows(store)
     assert sorted(r["image_id"] for r in rows) == sorted(inputs)
     assert all(r["source"].startswith("s3://sed-bucket/images/") for r in rows)

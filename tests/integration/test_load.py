@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_short_load_run_labels_every_image_once_and_reports_memory():
     command = [sys.executable, str(REPO / "bench" / "job_load.py"), "--sizes", "60", "180", "--shard-size", "32", "--batch-size", "8"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)

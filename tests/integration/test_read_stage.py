@@ -5,10 +5,10 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from pipeline.executor import DECODE_BATCH_ROWS, READ_TASK_MAX_ROWS, decoded_images, rows_per_read_task
+from pipeline.ray_stages import DECODE_BATCH_ROWS, READ_TASK_MAX_ROWS, read_stage, rows_per_read_task
 from pipeline.sources import list_images, plan_shards
 from schemas import STATUS_ERROR, STATUS_OK, InputSpec
-from tests.integration.conftest import image_bytes
+from tests.integration.helpers import image_bytes
 
 
 def test_read_tasks_are_small_for_small_jobs_and_bounded_for_large_ones():
@@ -29,7 +29,7 @@ def test_every_planned_image_is_decoded_once(local_ray, tmp_path, url):
     source = InputSpec(url=root)
     plan = plan_shards(list_images(source), shard_size=40)
 
-    rows = decoded_images(plan, source).take_all()
+    rows = read_stage(plan, source).take_all()
 
     assert sorted(row["image_index"] for row in rows) == list(range(151))
     by_id = {row["image_id"]: row for row in rows}
@@ -50,7 +50,7 @@ def test_each_read_task_streams_its_own_rows(local_ray, tmp_path):
     plan = plan_shards(list_images(source), shard_size=8)
     per_task = rows_per_read_task(plan.num_rows, cpus=2)
 
-    blocks = [block.num_rows for block in decoded_images(plan, source).iter_batches(batch_size=None, batch_format="pyarrow")]
+    blocks = [block.num_rows for block in read_stage(plan, source).iter_batches(batch_size=None, batch_format="pyarrow")]
 
     assert sum(blocks) == 96
     assert max(blocks) <= per_task

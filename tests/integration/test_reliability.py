@@ -21,14 +21,13 @@ import pytest
 import ray
 import yaml
 
-from pipeline import OutputStore, run_job
-from pipeline.commit import COMMITTED_DIR
+from pipeline.label import JobOutput, run_job
+from pipeline.label.commit import COMMITTED_DIR
 from pipeline.storage import StorageError
-from tests.conftest import TINY_CHECKPOINT
+from tests.helpers import TINY_CHECKPOINT
 
-from .conftest import free_port, huge_declared_png, image_bytes, tiny_job, write_inputs
+from .helpers import free_port, huge_declared_png, image_bytes, label_map_of, read_rows, tiny_job, write_inputs
 from .fault_proxy import FaultProxy
-from .helpers import label_map_of, read_rows
 from .processes import pids_titled, run_in_thread, wait_for
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -52,7 +51,7 @@ def undisturbed(tmp_path_factory, reference):
     inputs = write_inputs(root / "images")
     spec = tiny_job(reference, str(root / "images"), str(root / "out"), input__shard_size=1, inference__batch_size=1)
     run_job(spec)
-    return inputs, comparable(read_rows(OutputStore(spec.output.url)))
+    return inputs, comparable(read_rows(JobOutput(spec.output.url)))
 
 
 def committed_markers(direct, bucket: str) -> list[str]:
@@ -118,12 +117,13 @@ def test_killed_model_actor_costs_a_retry_not_a_row(s3_job, undisturbed, s3_serv
             os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
-    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    rows = read_rows(JobOutput(spec.output.url, s3_server))
     assert len(rows) == len(inputs)  # exactly one row per image: nothing lost, nothing twice
     assert comparable(rows) == expected
     assert outcome["result"].images == len(inputs)
 
 
+@pytest.mark.slow
 def test_killed_driver_costs_a_rerun(s3_job, undisturbed, s3_server, tmp_path):
     """Kill the CLI mid-job (SIGKILL to its whole process group, no cleanup), rerun: the same outputs."""
     spec, proxy, direct, bucket = s3_job
@@ -143,7 +143,7 @@ def test_killed_driver_costs_a_rerun(s3_job, undisturbed, s3_server, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{len(inputs) - committed_at_kill} shards committed now, {committed_at_kill} before" in result.stdout
-    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    rows = read_rows(JobOutput(spec.output.url, s3_server))
     assert len(rows) == len(inputs) and comparable(rows) == expected
     summary = json.loads(direct.cat_file(f"{bucket}/out/summary.json"))
     assert summary["images"] == len(inputs)
@@ -164,7 +164,7 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert proxy.seen["refuse"] > 0 and proxy.seen["stall"] > 0, proxy.seen
-    rows = read_rows(OutputStore(spec.output.url, s3_server))
+    rows = read_rows(JobOutput(spec.output.url, s3_server))
     assert len(rows) == len(inputs)
     assert comparable(rows) == expected  # no transient fault became an error row
     # Credentials never reach logs: the driver's, and every Ray process's log files.
@@ -192,7 +192,7 @@ def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undistur
 
     proxy.set("pass")
     proxy.release()
-    store = OutputStore(spec.output.url, s3_server)
+    store = JobOutput(spec.output.url, s3_server)
     committed = store.committed_shards()
     assert 1 <= len(committed) < len(inputs)
     kept = comparable(read_rows(store))
@@ -237,7 +237,7 @@ def test_hostile_inputs_each_get_their_row_and_names_stay_inside_the_output(tmp_
     spec = tiny_job(reference, str(images), str(tmp_path / "out"), input__id_column="name", input__max_pixels=10_000_000)
     summary = run_job(spec)
 
-    rows = {r["image_id"]: r for r in read_rows(OutputStore(spec.output.url))}
+    rows = {r["image_id"]: r for r in read_rows(JobOutput(spec.output.url))}
     assert sorted(rows) == sorted([*hostile, *ids])
     for name, (_, status, reason) in hostile.items():
         assert rows[name]["status"] == status and reason in (rows[name]["error"] or ""), (name, rows[name]["error"])

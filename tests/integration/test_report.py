@@ -14,10 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from pipeline import OutputStore, run_job
+from pipeline.label import JobOutput, run_job
 
-from .conftest import image_bytes, tiny_job
-from .helpers import label_map_of, read_rows
+from .helpers import image_bytes, label_map_of, read_rows, tiny_job
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 HOSTILE = "<img src=x onerror=alert(1)>.png"
@@ -43,7 +42,7 @@ def job_with_truth(tmp_path_factory, reference, local_ray):
     (images / "<svg onload=alert('x')>.jpg").write_bytes(b"not an image at all")
     spec = tiny_job(reference, str(images), str(root / "out"), input__shard_size=3)
     run_job(spec)
-    rows = read_rows(OutputStore(spec.output.url))
+    rows = read_rows(JobOutput(spec.output.url))
     # Ground truth: the labels themselves for two images, a constant map for one; none for the rest.
     truth = root / "truth"
     truth.mkdir()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from .conftest import free_port
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+from .helpers import free_port
 
 
 @pytest.fixture()
@@ -54,6 +54,7 @@ def ray_head(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     """`sed-label submit --wait` in its own process: Ray reads the token mode when it starts."""
     address, env = ray_head

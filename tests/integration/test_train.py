@@ -17,11 +17,11 @@ import yaml
 from PIL import Image
 
 import sed_model
-from pipeline.commit import OutputStore
-from pipeline.evaluate import SemSegEvaluator
+from pipeline.storage import OutputStore
+from pipeline.metrics import SemSegEvaluator
 from pipeline.model_loading import encode_taxonomy, load_model
-from pipeline.tensorboard_log import TensorBoardLog
-from pipeline.train import (
+from pipeline.train.tensorboard_log import TensorBoardLog
+from pipeline.train.run import (
     STATE_FILE,
     checkpoint_name,
     model_to_train,
@@ -30,11 +30,14 @@ from pipeline.train import (
     run_training,
     save_training_state,
 )
-from pipeline.train_data import TrainDataError, labelled_data, load_batch
+from pipeline.train.data import TrainDataError, labelled_data, load_batch
 from schemas import TrainSpec
-from tests.conftest import TINY_CHECKPOINT
+from tests.helpers import TINY_CHECKPOINT
 
 from .processes import pids_titled, run_in_thread, wait_for
+
+# Ray Train runs of several iterations: about 4 minutes in all on 2 cores.
+pytestmark = pytest.mark.slow
 
 CLASSES = ["sky", "tree", "road"]
 ITERATIONS = 6

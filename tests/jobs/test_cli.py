@@ -13,9 +13,9 @@ from jobs.spec import SpecError, is_train_spec, load_job_spec, load_train_spec
 from jobs.submit import entrypoint, submission_runtime_env
 from schemas import JobSpec, TrainSpec
 from schemas.export import SCHEMA_PATH, TRAIN_SCHEMA_PATH, job_schema_json, train_schema_json
-from tests.conftest import TINY_CHECKPOINT
+from tests.helpers import REPO, TINY_CHECKPOINT
 
-REPO = Path(__file__).resolve().parents[2]
+
 runner = CliRunner()
 
 
@@ -111,6 +111,23 @@ def test_bad_configuration_is_refused_before_work(tmp_path, change, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_failure_prints_its_reason_and_with_debug_its_traceback(tmp_path, monkeypatch):
+    import jobs.cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(jobs.cli, "run_job", broken)
+    path = str(write_spec(tmp_path, demo_spec(tmp_path)))
+    result = runner.invoke(app, ["run", path])
+    assert result.exit_code == 2
+    assert "error: KeyError: 'boom'" in result.output and "Traceback" not in result.output
+    assert "--debug prints the traceback" in result.output
+    result = runner.invoke(app, ["run", path, "--debug"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and 'raise KeyError("boom")' in result.output
 
 
 def test_taxonomy_from_a_text_file(tmp_path):

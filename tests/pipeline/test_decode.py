@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline.decode import DecodeError, decode_image
+from pipeline.process import prepare_process
 
 LIMIT = 100_000_000  # the job spec's default max_pixels
 
@@ -135,13 +136,23 @@ def test_image_exactly_at_the_limit_is_accepted():
     assert decode_image(data, max_pixels=1500).shape == (30, 50, 3)
 
 
-def test_max_pixels_above_pils_default_limit_is_honoured(no_pixel_decoding):
+def test_max_pixels_above_pils_default_limit_is_honoured_in_a_prepared_process(no_pixel_decoding, monkeypatch):
     # 15000x15000 = 225 M pixels, under a job limit of 250 M: the image must not be refused as a bomb.
     # (Pixel decoding is disabled by the fixture, so once fixed this fails fast at load(), not as a bomb.)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     data = one_bit_png(15000, 15000, with_pixels=False)
+    with pytest.raises(DecodeError, match="bomb"):  # PIL's own limit, where the process is not prepared
+        decode_image(data, max_pixels=250_000_000)
+    prepare_process()  # what every job's workers and the CLI do first
     with pytest.raises((DecodeError, AssertionError)) as info:
         decode_image(data, max_pixels=250_000_000)
     assert "bomb" not in str(info.value)
+
+
+def test_decoding_leaves_pils_process_wide_limit_alone():
+    limit = Image.MAX_IMAGE_PIXELS
+    decode_image(encode(Image.fromarray(rgb_noise(30, 50)), "PNG"))
+    assert Image.MAX_IMAGE_PIXELS == limit
 
 
 # Modes that must become 8-bit RGB ---------------------------------------------------------------------------

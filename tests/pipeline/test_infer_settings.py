@@ -7,7 +7,7 @@ import pytest
 from pipeline.infer import SEDInference
 from pipeline.model_loading import load_model
 from schemas import ModelSpec
-from tests.conftest import TINY_CHECKPOINT
+from tests.helpers import TINY_CHECKPOINT
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -29,7 +29,7 @@ def test_precision_and_early_rejection_reach_the_predictor(reference, precision)
 
 
 def test_image_size_is_part_of_the_job_fingerprint():
-    from pipeline.commit import job_fingerprint
+    from pipeline.label.commit import job_fingerprint
     from schemas import JobSpec
 
     def spec(image_size: int) -> JobSpec:

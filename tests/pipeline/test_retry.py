@@ -1,10 +1,10 @@
-"""Storage retries: transient faults are retried with backoff, permanent ones raise at once."""
+"""Storage retries: transient faults are retried with backoff; permanent ones and programming
+errors raise at once."""
 
 import pytest
 
 from pipeline import retry
-from pipeline.commit import OutputStore
-from pipeline.storage import StorageError
+from pipeline.storage import OutputStore, StorageError
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,25 @@ def test_transient_errors_are_retried_with_growing_delays(no_sleep):
     assert len(no_sleep) == 3 and no_sleep[0] < no_sleep[1] < no_sleep[2]
 
 
-@pytest.mark.parametrize("error", [FileNotFoundError("no such bucket"), PermissionError("Access Denied"), ValueError("bad")])
-def test_permanent_errors_raise_at_once(error, no_sleep):
+def test_client_library_connection_errors_are_transient():
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    assert retry.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert retry.is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError("no such bucket"),
+        PermissionError("Access Denied"),
+        ValueError("bad"),
+        KeyError("Contents"),  # a bug, not the storage: its traceback must show at once
+        TypeError("unexpected keyword"),
+        RuntimeError("anything else"),
+    ],
+)
+def test_permanent_and_programming_errors_raise_at_once(error, no_sleep):
     call = Flaky([error])
     with pytest.raises(type(error)):
         retry.with_retries(call, "reading x", deadline_seconds=60)
@@ -56,3 +73,16 @@ def test_output_store_names_the_file_of_a_permanent_error(tmp_path):
     store = OutputStore(str(tmp_path / "file" / "out"))  # a folder under a file: cannot be written
     with pytest.raises(StorageError, match=r"cannot write .*file/out/job.json"):
         store.write_json("job.json", {})
+
+
+def test_a_key_error_inside_a_storage_call_is_neither_retried_nor_relabelled(tmp_path, no_sleep):
+    store = OutputStore(str(tmp_path))
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise KeyError("ETag")
+
+    with pytest.raises(KeyError, match="ETag"):
+        store._io("read", "x.json", broken)
+    assert calls == [1] and no_sleep == []

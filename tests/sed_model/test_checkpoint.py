@@ -11,7 +11,7 @@ import torch
 
 import sed_model
 from sed_model.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint
-from tests.conftest import REFERENCE_DIR, TINY_CHECKPOINT
+from tests.helpers import REFERENCE_DIR, TINY_CHECKPOINT
 
 LAYOUT = json.loads((REFERENCE_DIR / "official_checkpoint_layout.json").read_text())
 

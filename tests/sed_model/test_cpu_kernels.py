@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sed_model import cpu_kernels
 from sed_model.decoder import group_norm_relu
 from sed_model.layout import channels_last
-from tests.conftest import require_cpu_kernels, two_images_40_classes
+from tests.helpers import require_cpu_kernels, two_images_40_classes
 
 
 @pytest.fixture(autouse=True)
@@ -340,14 +340,19 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
 
 
-def test_the_predictor_loads_the_kernels_up_front_unless_they_are_off(tiny_pooling1, monkeypatch):
+def test_preparing_cpu_inference_loads_the_kernels_unless_they_are_off_and_a_predictor_does_not(tiny_pooling1, monkeypatch):
     import sed_model
+    from sed_model import allocator
 
-    loads = []
+    loads, allocator_calls = [], []
     monkeypatch.setattr(cpu_kernels, "available", lambda: loads.append(1) or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: allocator_calls.append(1) or True)
+    monkeypatch.setattr(sed_model.predictor, "keep_freed_memory", allocator.keep_freed_memory)
     sed_model.SEDPredictor(tiny_pooling1)
-    sed_model.SEDPredictor(tiny_pooling1, precision="bfloat16")  # its decoder runs them too
-    assert loads == [1, 1]
+    sed_model.SEDPredictor(tiny_pooling1, precision="bfloat16")
+    assert loads == [] and allocator_calls == []  # building a predictor changes nothing process-wide
+    assert sed_model.prepare_cpu_inference()
+    assert loads == [1] and allocator_calls == [1]
     with cpu_kernels.disabled():
-        sed_model.SEDPredictor(tiny_pooling1)
-    assert loads == [1, 1]
+        assert not sed_model.prepare_cpu_inference()
+    assert loads == [1]

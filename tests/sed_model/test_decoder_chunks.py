@@ -9,7 +9,7 @@ import sed_model
 from sed_model import decoder as decoder_module
 from sed_model.allocator import advise_huge_pages
 from sed_model.decoder import ConvNeXtBlock, Rows, _chunk_stores, _regroup
-from tests.conftest import two_images_40_classes
+from tests.helpers import two_images_40_classes
 
 
 def test_chunk_spans_never_span_images_and_cut_each_image_alike_in_every_batch():

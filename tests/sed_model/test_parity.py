@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sed_model
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ATOL = 1e-4
 

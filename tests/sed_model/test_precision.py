@@ -7,7 +7,7 @@ import torch
 
 import sed_model
 from sed_model import cpu_kernels
-from tests.conftest import require_cpu_kernels
+from tests.helpers import require_cpu_kernels
 
 
 def test_bfloat16_labels_mostly_agree_with_float32(tiny_pooling1, reference):

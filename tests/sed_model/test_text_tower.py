@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_dropped_text_tower_frees_its_weights_and_keeps_the_labels(reference, cer_cases):

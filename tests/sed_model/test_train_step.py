@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sed_model
-from sed_model.train_step import Recipe, cosine_factor, freeze_for_training, parameter_groups
-from tests.conftest import TINY_CHECKPOINT
+from sed_model.train_step import Recipe, cosine_factor, freeze_for_training
+from tests.helpers import TINY_CHECKPOINT
 
 
 def small_tiny_model(reference: dict, image_size: int = 128) -> sed_model.SED:

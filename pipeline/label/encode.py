@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_OK, png_unlabeled_value
 
-from .infer import UNLABELED
+from ..infer import UNLABELED
 
 ENCODED_SCHEMA = LABELS_SCHEMA.append(pa.field("label_png", pa.binary()))
 

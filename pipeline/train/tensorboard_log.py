@@ -13,7 +13,7 @@ import tempfile
 from numbers import Real
 from typing import Any
 
-from .commit import OutputStore
+from ..storage import OutputStore
 
 log = logging.getLogger("sed_label")
 

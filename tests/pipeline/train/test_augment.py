@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.augment import IGNORE_LABEL, PAD_IMAGE_VALUE, AugmentSettings, augment
+from pipeline.train.augment import IGNORE_LABEL, PAD_IMAGE_VALUE, AugmentSettings, augment
 
 
 def blocks(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,10 @@ Two semantics for the mean IoU:
   IoU 0, as older papers computed it.
 Predictions outside `0..T-1` (pixels left unlabeled by `min_confidence`) count as wrong for the
 ground-truth class, in a bin of their own.
+
+It is the one comparison of label maps with ground truth: `sed-label eval` (per image, summed on
+the driver), validation during training, and the report's agreement with `--ground-truth` all
+count through `process`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ Semantics = Literal["detectron2", "legacy"]
 
 
 class SemSegEvaluator:
-    def __init__(self, class_names: Sequence[str], ignore_label: int = 255, semantics: Semantics = "detectron2") -> None:
+    """`merge_predictions_from`: predicted classes from this index on count as this index (VOC-20b:
+    every prompt past the 20 VOC classes is background)."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        ignore_label: int = 255,
+        semantics: Semantics = "detectron2",
+        merge_predictions_from: int | None = None,
+    ) -> None:
         if semantics not in ("detectron2", "legacy"):
             raise ValueError(f"semantics must be 'detectron2' or 'legacy', got {semantics!r}")
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.ignore_label = ignore_label
         self.semantics = semantics
+        self.merge_predictions_from = merge_predictions_from
         self.reset()
 
     def reset(self) -> None:
@@ -39,11 +53,20 @@ class SemSegEvaluator:
         self.confusion = np.zeros((self.num_classes + 1, self.num_classes + 1), dtype=np.int64)
 
     def process(self, prediction: Any, ground_truth: Any) -> None:
-        """Add one image: integer label maps of the same shape (numpy or torch)."""
-        prediction = np.asarray(prediction).astype(np.int64, copy=False).ravel()
-        ground_truth = np.asarray(ground_truth).astype(np.int64, copy=False).ravel()
+        """Add one image: integer label maps of the same shape (numpy or torch).
+
+        A ground truth of another size, or holding ids that are neither classes nor the ignore
+        label, is a `ValueError` saying so.
+        """
+        prediction = np.asarray(prediction).astype(np.int64, copy=False)
+        ground_truth = np.asarray(ground_truth).astype(np.int64, copy=False)
         if prediction.shape != ground_truth.shape:
-            raise ValueError(f"prediction has {prediction.size} pixels, ground truth {ground_truth.size}")
+            raise ValueError(
+                f"ground truth is {_size(ground_truth.shape)}, its image {_size(prediction.shape)} (width x height)"
+            )
+        if self.merge_predictions_from is not None:
+            prediction = np.minimum(prediction, self.merge_predictions_from)
+        prediction, ground_truth = prediction.ravel(), ground_truth.ravel()
         n = self.num_classes
         gt = np.where(ground_truth == self.ignore_label, n, ground_truth)
         if ((gt < 0) | (gt > n)).any():
@@ -103,3 +126,7 @@ class SemSegEvaluator:
                 }
             )
         return pairs
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape[::-1])

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from schemas import COCO_CATEGORY_OFFSET, LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_OK
 
-from .commit import COCO_DIR, LABELS_DIR, PNG_DIR, OutputStore
+from .commit import COCO_DIR, LABELS_DIR, PNG_DIR, JobOutput
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -60,7 +60,7 @@ def coco_images_and_annotations(rows: Iterable[dict[str, Any]], num_classes: int
 class ShardWriter:
     def __init__(
         self,
-        store: OutputStore,
+        store: JobOutput,
         shard_id: str,
         expected_rows: int,
         formats: Sequence[str],

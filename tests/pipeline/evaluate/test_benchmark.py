@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.benchmark import paper_row, summary_lines
+from pipeline.evaluate.benchmark import paper_row, summary_lines
 from pipeline.datasets import get_dataset
-from pipeline.evaluate import SemSegEvaluator
-from pipeline.score import score_labels
+from pipeline.metrics import SemSegEvaluator
+from pipeline.evaluate.score import score_labels
 
 CLASSES = [f"c{i}" for i in range(21)]
 

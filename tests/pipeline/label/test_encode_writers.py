@@ -11,17 +11,16 @@ import json
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.commit import REDACTED, OutputStore, job_fingerprint, redact
-from pipeline.encode import encode_labels, encode_mask, encode_png
+from pipeline.label.commit import REDACTED, JobOutput, job_fingerprint, redact
+from pipeline.label.encode import encode_labels, encode_mask, encode_png
 from pipeline.infer import UNLABELED
-from pipeline.writers import ShardWriter, coco_images_and_annotations, safe_name
+from pipeline.label.writers import ShardWriter, coco_images_and_annotations, safe_name
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_table
 
 CLASSES = ["sky", "tree", "road"]
@@ -161,7 +160,7 @@ def test_coco_skips_error_rows_and_offsets_category_ids():
     assert annotations[0]["area"] == 2 and annotations[0]["bbox"] == [1.0, 1.0, 2.0, 1.0]
 
 
-# ShardWriter + OutputStore -------------------------------------------------------------------------------------
+# ShardWriter + JobOutput -------------------------------------------------------------------------------------
 
 
 def model_output(shard: str = "000003") -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -217,7 +216,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     shard = "000003"
     batch, label_map = model_output(shard)
     table = encode_labels(batch, len(CLASSES), "tax-hash", "ckpt-hash", write_png=True)
-    store = OutputStore(str(tmp_path / "out"))
+    store = JobOutput(str(tmp_path / "out"))
     writer = ShardWriter(store, shard, 2, ["parquet", "coco", "png"], CLASSES, {"sed_label.classes": json.dumps(CLASSES)})
     writer.add(table.slice(0, 1))  # rows stream in, in any order
     assert not writer.complete
@@ -268,7 +267,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
 
 def test_shard_writer_without_coco_or_png_writes_only_parquet(tmp_path):
     batch, _ = model_output("000000")
-    store = OutputStore(str(tmp_path))
+    store = JobOutput(str(tmp_path))
     writer = ShardWriter(store, "000000", 2, ["parquet"], CLASSES, {})
     writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
     assert writer.commit()["files"] == ["labels/000000.parquet"]
@@ -277,13 +276,13 @@ def test_shard_writer_without_coco_or_png_writes_only_parquet(tmp_path):
 
 def test_shard_writer_refuses_more_rows_than_expected(tmp_path):
     batch, _ = model_output()
-    writer = ShardWriter(OutputStore(str(tmp_path)), "000003", 1, ["parquet"], CLASSES, {})
+    writer = ShardWriter(JobOutput(str(tmp_path)), "000003", 1, ["parquet"], CLASSES, {})
     with pytest.raises(RuntimeError, match="2 rows for 1 images"):
         writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
 
 
 def test_committed_shards_is_empty_before_any_commit(tmp_path):
-    assert OutputStore(str(tmp_path / "fresh")).committed_shards() == {}
+    assert JobOutput(str(tmp_path / "fresh")).committed_shards() == {}
 
 
 # redact and job_fingerprint ---------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.datasets import DatasetError, get_dataset, prepare_dataset, read_label_map, read_prepared
 from pipeline.datasets.ade import resize_bilinear
+from tests.helpers import REFERENCE_DIR, REPO
 
-REFERENCE_DATASETS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "datasets"
+REFERENCE_DATASETS = REFERENCE_DIR / "datasets"
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
@@ -46,7 +47,7 @@ def prepared_labels(output: Path | str, name: str) -> dict[str, np.ndarray]:
 
 
 def test_shipped_mapping_files_are_the_reference_ones():
-    shipped = Path(__file__).resolve().parents[2] / "pipeline" / "datasets" / "data"
+    shipped = REPO / "pipeline" / "datasets" / "data"
     for reference in REFERENCE_DATASETS.iterdir():
         assert (shipped / reference.name).read_bytes() == reference.read_bytes(), reference.name
     for reference in (REFERENCE_DATASETS.parent / "class_lists").iterdir():

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sed_model
-from pipeline import train
+from pipeline.train import run as train
 
 # What each rank's device would run natively: a newer GPU and an older one.
 NATIVE = ("bfloat16", "float16")

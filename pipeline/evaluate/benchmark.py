@@ -11,12 +11,9 @@ of images streams through.
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,14 +23,13 @@ import ray
 import sed_model
 from schemas import STATUS_OK, InferenceSpec, InputSpec, ModelSpec, RaySpec
 
-from .datasets import BenchmarkItem, DatasetError, DatasetSpec, PreparedDataset, read_prepared
-from .evaluate import SemSegEvaluator
-from .executor import connect_ray, decoded_images, quiet_ray_data
-from .infer import SEDInference
-from .model_loading import encode_taxonomy
+from ..datasets import BenchmarkItem, DatasetError, DatasetSpec, PreparedDataset, read_prepared
+from ..metrics import SemSegEvaluator
+from ..progress import LogProgress, Progress
+from ..ray_stages import connect_ray, encode_taxonomy_once, model_stage, read_stage
+from ..sources import KIND_FILE, ImageRef, plan_shards
+from ..storage import filesystem, write_bytes
 from .score import score_labels
-from .sources import KIND_FILE, ImageRef, plan_shards
-from .storage import filesystem, write_bytes
 
 SUMMARY_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 PRESET_TITLES = {"convnext_b": "ConvNeXt-B", "convnext_l": "ConvNeXt-L"}
@@ -70,9 +66,9 @@ def model_from_argument(text: str) -> str | dict[str, Any]:
     return config
 
 
-def run_benchmark(settings: BenchmarkSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_benchmark(settings: BenchmarkSettings, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate the model on the prepared dataset; returns the result (metrics, the paper's claim)."""
-    say = progress or logging.getLogger("sed_label").info
+    progress = progress or LogProgress()
     try:
         sed_model.SEDConfig(clip_model=settings.model.clip_model).open_clip_config()
     except (sed_model.UnknownModelError, ValueError) as exc:
@@ -88,7 +84,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[str], None] |
     started = time.monotonic()
     owns_ray = connect_ray(settings.ray)
     try:
-        evaluator, errors, checkpoint_hash = _evaluate(settings, inference, dataset, items, say, started)
+        evaluator, errors, checkpoint_hash = _evaluate(settings, inference, dataset, items, progress)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -122,37 +118,17 @@ def _evaluate(
     inference: InferenceSpec,
     dataset: PreparedDataset,
     items: list[BenchmarkItem],
-    say: Callable[[str], None],
-    started: float,
+    progress: Progress,
 ) -> tuple[SemSegEvaluator, list[dict[str, str]], str]:
-    quiet_ray_data()
     spec = dataset.spec
     prompts = spec.prompts()
     templates = list(sed_model.IMAGENET_TEMPLATES)
-    # The text embeddings are computed once, by one task, and shared by all actors.
-    encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-    text_features, checkpoint_hash = ray.get(encode.remote(settings.model, prompts, templates))
-    text_ref = ray.put(text_features.numpy())
+    text_features, checkpoint_hash = encode_taxonomy_once(settings.model, prompts, templates)
     classes = spec.evaluated_classes()
     source = InputSpec(url=settings.root, storage_options=settings.storage_options)
     plan = plan_shards([ImageRef(item.image_id, KIND_FILE, item.image_url) for item in items], shard_size=len(items))
-    ds = decoded_images(plan, source)
-    ds = ds.map_batches(
-        SEDInference,
-        fn_constructor_kwargs={
-            "model": settings.model.model_dump(mode="json"),
-            "inference": inference.model_dump(mode="json"),
-            "classes": prompts,
-            "templates": templates,
-            "text_features": functools.partial(ray.get, text_ref),
-            "checkpoint_hash": checkpoint_hash,
-        },
-        batch_size=settings.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=settings.ray.num_actors),
-        num_cpus=settings.ray.cpus_per_actor,
-        num_gpus=settings.ray.gpus_per_actor,
-    )
+    ds = read_stage(plan, source)
+    ds = model_stage(ds, settings.model, inference, prompts, templates, text_features, checkpoint_hash, settings.ray)
     ds = ds.map_batches(
         score_labels,
         fn_kwargs={
@@ -168,19 +144,15 @@ def _evaluate(
     evaluator = SemSegEvaluator(classes, ignore_label=spec.ignore_label)
     counts = evaluator.confusion.reshape(-1)  # a view: adding here adds to the matrix
     errors: list[dict[str, str]] = []
-    done = 0
-    step = max(1, len(items) // 20)
-    say(f"{spec.title} ({dataset.split}): {len(items)} images of {len(dataset.items)} in {settings.root}")
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    progress.note(f"{spec.title} ({dataset.split}): {len(items)} images of {len(dataset.items)} in {settings.root}")
+    progress.start(len(items), "images", "evaluating")
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
         for i in range(len(batch["image_index"])):
             if batch["status"][i] == STATUS_OK:
                 np.add.at(counts, batch["confusion_index"][i], batch["confusion_count"][i])
             else:
                 errors.append({"image_id": str(batch["image_id"][i]), "error": str(batch["error"][i])})
-            done += 1
-            if done % step == 0 or done == len(items):
-                rate = done / max(time.monotonic() - started, 1e-9)
-                say(f"  {done}/{len(items)} images, {rate:.2f} images/s, mIoU so far {evaluator.evaluate()['mIoU']:.2f}")
+        progress.advance(len(batch["image_index"]))
     return evaluator, errors, checkpoint_hash
 
 

@@ -14,7 +14,7 @@ import sed_model
 from pipeline.datasets import get_dataset
 from pipeline.datasets.prepared import PreparedWriter
 from pipeline.datasets.raw import Sample
-from pipeline.train_data import (
+from pipeline.train.data import (
     TrainDataError,
     batch_indices,
     labelled_data,
@@ -179,14 +179,14 @@ def test_storage_faults_are_retried_and_only_bad_data_is_a_data_error(tmp_path, 
     """A fault that passes is retried; one that persists is raised as it is (the run starts new
     workers); a missing or undecodable file is a TrainDataError (the run stops at once)."""
     import pipeline.retry
-    import pipeline.train_data
+    import pipeline.train.data
 
     write_folder(tmp_path / "data", count=1)
     item = labelled_data(spec_for({"url": str(tmp_path / "data")}, ["a"]).data).items[0]
     monkeypatch.setattr(pipeline.retry, "FIRST_DELAY_SECONDS", 0.01)
     monkeypatch.setattr(pipeline.retry, "STORAGE_RETRY_SECONDS", 1.0)
     storage = FlakyStorage(failures=2)
-    monkeypatch.setattr(pipeline.train_data, "filesystem", lambda url, options: (storage, url))
+    monkeypatch.setattr(pipeline.train.data, "filesystem", lambda url, options: (storage, url))
     image, _ = read_pair(item, {})
     assert image.shape == (32, 32, 3) and storage.failures == 0
 
@@ -196,7 +196,7 @@ def test_storage_faults_are_retried_and_only_bad_data_is_a_data_error(tmp_path, 
     monkeypatch.undo()
 
     (tmp_path / "data" / "images" / "img0.jpg").write_bytes(b"not a JPEG")
-    with pytest.raises(TrainDataError, match="cannot read image .*img0.jpg: UnidentifiedImageError"):
+    with pytest.raises(TrainDataError, match="cannot read image .*img0.jpg: DecodeError: not an image"):
         read_pair(item, {})
     (tmp_path / "data" / "images" / "img0.jpg").unlink()
     with pytest.raises(TrainDataError, match="cannot read image .*img0.jpg: FileNotFoundError"):

@@ -1,19 +1,32 @@
-"""Ray plumbing shared by the labelling job (`run.py`) and the benchmark evaluation (`benchmark.py`):
-connecting to Ray, and the dataset's first stage (plan rows -> decoded images).
+"""The Ray plumbing the three Ray jobs share (labelling, evaluation, training).
+
+- `connect_ray`: join a cluster or start an embedded Ray, its own logging kept off the console;
+- `encode_text_once`: the taxonomy's text embeddings, computed by one task and put in the object
+  store, so no actor or worker runs the text tower again;
+- `read_stage`: plan rows -> decoded images (or error rows), read lazily by CPU tasks;
+- `model_stage`: SED on an actor pool (`infer.SEDInference`, one model per actor).
+
+The steps themselves (`read.py`, `infer.py`) know nothing of Ray.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
-from schemas import InputSpec, RaySpec
+import sed_model
+from schemas import InferenceSpec, InputSpec, ModelSpec, RaySpec
 
+from .infer import SEDInference
+from .model_loading import encode_taxonomy
+from .preflight import PreflightError
+from .process import prepare_process
 from .read import read_and_decode
 from .sources import inline_process_local_bytes
 
@@ -23,7 +36,11 @@ READ_TASK_MEMORY = 768 * 2**20  # Ray Data measured up to 730 MiB per read task
 
 
 def connect_ray(spec: RaySpec) -> bool:
-    """Connect to (or start) Ray; True if this call started it and so should shut it down."""
+    """Connect to (or start) Ray; True if this call started it and so should shut it down.
+
+    Ray's own progress bars are off: the caller reports progress (`progress.py`). Workers' output
+    stays in Ray's session logs instead of being copied to this process's console.
+    """
     if ray.is_initialized():
         return False
     if spec.address is None:
@@ -31,14 +48,19 @@ def connect_ray(spec: RaySpec) -> bool:
         ray.init(address="local", num_cpus=spec.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=spec.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return True
 
 
-def quiet_ray_data() -> None:
-    """Progress is reported per shard or per image by the caller; Ray Data's own logs would drown it."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+def encode_text_once(encode: Callable[..., Any], *args: Any) -> Any:
+    """Run `encode(*args)` (the text tower: a whole model load) in one CPU task and return its result.
+
+    A checkpoint that cannot be read is a `PreflightError` naming `model.weights`.
+    """
+    try:
+        return ray.get(ray.remote(encode).options(num_cpus=1).remote(*args))
+    except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
+        raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
 
 
 def rows_per_read_task(rows: int, cpus: int) -> int:
@@ -55,13 +77,14 @@ def _decoded_rows_of_task(
 ) -> Iterator[dict[str, Any]]:
     """The plan rows of the read tasks numbered in `task["id"]`, read and decoded
     `DECODE_BATCH_ROWS` at a time (`read_and_decode`)."""
+    prepare_process()
     table = plan if isinstance(plan, pa.Table) else ray.get(plan)
     rows = pa.concat_tables([table.slice(int(i) * rows_per_task, rows_per_task) for i in task.column("id").to_pylist()])
     for start in range(0, rows.num_rows, DECODE_BATCH_ROWS):
         yield read_and_decode(rows.slice(start, DECODE_BATCH_ROWS), **decode_options)
 
 
-def decoded_images(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
+def read_stage(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
     """Plan rows -> decoded images (or error rows), read lazily by CPU tasks.
 
     The plan goes to the object store once; each read task slices its rows from it, so the
@@ -94,3 +117,42 @@ def decoded_images(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
         batch_size=1,
         **resources,
     )
+
+
+def model_stage(
+    images: ray.data.Dataset,
+    model: ModelSpec,
+    inference: InferenceSpec,
+    classes: list[str],
+    templates: list[str],
+    text_features: np.ndarray,
+    checkpoint_hash: str,
+    ray_spec: RaySpec,
+) -> ray.data.Dataset:
+    """Decoded images -> label maps and per-class statistics, by SED on an actor pool.
+
+    The text embeddings go to the object store once; each actor fetches them when it starts.
+    """
+    text_ref = ray.put(text_features)
+    return images.map_batches(
+        SEDInference,
+        fn_constructor_kwargs={
+            "model": model.model_dump(mode="json"),
+            "inference": inference.model_dump(mode="json"),
+            "classes": classes,
+            "templates": templates,
+            "text_features": functools.partial(ray.get, text_ref),
+            "checkpoint_hash": checkpoint_hash,
+        },
+        batch_size=inference.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=ray_spec.num_actors),
+        num_cpus=ray_spec.cpus_per_actor,
+        num_gpus=ray_spec.gpus_per_actor,
+    )
+
+
+def encode_taxonomy_once(model: ModelSpec, classes: list[str], templates: list[str]) -> tuple[np.ndarray, str]:
+    """The taxonomy's text embeddings `(T, P, D)` and the checkpoint hash, computed once (`encode_text_once`)."""
+    text_features, checkpoint_hash = encode_text_once(encode_taxonomy, model, classes, templates)
+    return text_features.numpy(), checkpoint_hash

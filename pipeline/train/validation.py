@@ -8,14 +8,13 @@ counts them into a `SemSegEvaluator`; the confusion matrices are summed over the
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import sed_model
 
-from .evaluate import SemSegEvaluator
-from .train_data import LabelledData, TrainDataError, evaluated_classes, read_pair
+from ..metrics import SemSegEvaluator
+from .data import LabelledData, TrainDataError, evaluated_classes, read_pair
 
 VALIDATION_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 
@@ -35,7 +34,7 @@ def validate(
     The model is left in the training mode it came in.
     """
     merge_from = data.dataset.merge_predictions_from if data.dataset is not None else None
-    evaluator = SemSegEvaluator(evaluated_classes(classes, data), ignore_label=data.ignore_label)
+    evaluator = SemSegEvaluator(evaluated_classes(classes, data), ignore_label=data.ignore_label, merge_predictions_from=merge_from)
     training = model.training
     predictor = sed_model.SEDPredictor(model, top_k=top_k)  # puts the model in eval mode
     predictor.set_taxonomy(classes, text_features=text)
@@ -43,8 +42,6 @@ def validate(
         for item in data.items[rank::world]:
             image, truth = read_pair(item, data.storage_options)
             labels = predictor.label_batch([torch.from_numpy(image).permute(2, 0, 1)])[0].labels.cpu().numpy()
-            if merge_from is not None:
-                labels = np.minimum(labels, merge_from)
             try:
                 evaluator.process(labels, truth)
             except ValueError as exc:

@@ -1,4 +1,4 @@
-"""The labelling job on Ray Data: the only module that knows the executor.
+"""The labelling job on Ray Data.
 
     plan (listed once, saved) -> pending shards -> read + decode (CPU tasks)
       -> SED (actor pool: one model per actor, text embeddings computed once per job)
@@ -10,35 +10,27 @@ are not complete yet (small: RLE strings and statistics, no pixels but PNG bytes
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
-import sed_model
 from schemas import LABELS_SCHEMA_VERSION, JobSpec
 
-from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, OutputStore, job_fingerprint, redact
+from ..progress import LogProgress, Progress
+from ..ray_stages import connect_ray, encode_taxonomy_once, model_stage, read_stage
+from ..sources import list_images, plan_shards
+from ..taxonomy import Taxonomy, load_taxonomy
+from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, JobOutput, job_fingerprint, redact
 from .encode import encode_labels
-from .executor import connect_ray, decoded_images, quiet_ray_data
-from .infer import SEDInference
-from .model_loading import encode_taxonomy
-from .preflight import PreflightError
-from .sources import list_images, plan_shards
-from .taxonomy import Taxonomy, load_taxonomy
 from .writers import ShardWriter, coco_categories
-
-log = logging.getLogger("sed_label")
 
 
 @dataclass
@@ -59,13 +51,15 @@ class JobSummary:
         return asdict(self)
 
 
-def prepare_output(spec: JobSpec, taxonomy: Taxonomy, checkpoint_hash: str, overwrite: bool) -> tuple[OutputStore, pa.Table, str]:
+def prepare_output(
+    spec: JobSpec, taxonomy: Taxonomy, checkpoint_hash: str, overwrite: bool, progress: Progress
+) -> tuple[JobOutput, pa.Table, str]:
     """Check the output against this job, create or reuse its plan; return (store, plan, fingerprint)."""
-    store = OutputStore(spec.output.url, spec.output.storage_options)
+    store = JobOutput(spec.output.url, spec.output.storage_options)
     fingerprint = job_fingerprint(spec, taxonomy.hash, checkpoint_hash)
     record = store.read_json(JOB_FILE)
     if record is not None and overwrite:
-        log.warning("overwriting the previous results in %s", spec.output.url)
+        progress.note(f"--overwrite: removing the previous results in {spec.output.url}")
         store.clear()
         record = None
     if record is not None and record.get("fingerprint") != fingerprint:
@@ -93,23 +87,18 @@ def prepare_output(spec: JobSpec, taxonomy: Taxonomy, checkpoint_hash: str, over
     return store, plan, fingerprint
 
 
-def run_job(spec: JobSpec, overwrite: bool = False, progress: Callable[[str], None] | None = None) -> JobSummary:
+def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = None) -> JobSummary:
     """Run (or resume) a labelling job and return its summary.
 
     Bad configuration (taxonomy, weights, output conflicts) raises before any image is labelled.
     """
-    say = progress or log.info
+    progress = progress or LogProgress()
     started = time.monotonic()
     taxonomy = load_taxonomy(spec.taxonomy)
     owns_ray = connect_ray(spec.ray)
     try:
-        # The text embeddings are computed once per job, by one task, and shared by all actors.
-        encode = ray.remote(encode_taxonomy).options(num_cpus=1)
-        try:
-            text_features, checkpoint_hash = ray.get(encode.remote(spec.model, list(taxonomy.classes), list(taxonomy.templates)))
-        except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
-            raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
-        store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite)
+        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, list(taxonomy.classes), list(taxonomy.templates))
+        store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite, progress)
         counts = pc.value_counts(plan.column("shard_id"))
         shard_sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
         done_before = store.committed_shards()
@@ -117,11 +106,13 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Callable[[str], No
         summary = JobSummary(output_url=spec.output.url, shards_total=len(shard_sizes), shards_done_before=len(done_before))
         if not pending:
             summary.nothing_to_do = True
-            say(f"nothing to do: all {len(shard_sizes)} shards in {spec.output.url} are already committed")
+            progress.note(f"nothing to do: all {len(shard_sizes)} shards in {spec.output.url} are already committed")
         else:
-            say(f"{plan.num_rows} images in {len(shard_sizes)} shards; {len(done_before)} already committed, {len(pending)} to do")
-            job = _Job(spec, taxonomy, checkpoint_hash, fingerprint, store, shard_sizes, say)
-            job.label(ray.put(text_features.numpy()), plan, pending, started)
+            progress.note(
+                f"{plan.num_rows} images in {len(shard_sizes)} shards; {len(done_before)} already committed, {len(pending)} to do"
+            )
+            job = _Job(spec, taxonomy, checkpoint_hash, fingerprint, store, shard_sizes, progress)
+            job.label(text_features, plan, pending)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -149,9 +140,9 @@ class _Job:
         taxonomy: Taxonomy,
         checkpoint_hash: str,
         fingerprint: str,
-        store: OutputStore,
+        store: JobOutput,
         shard_sizes: dict[str, int],
-        say: Callable[[str], None],
+        progress: Progress,
     ) -> None:
         self.spec = spec
         self.taxonomy = taxonomy
@@ -159,28 +150,13 @@ class _Job:
         self.fingerprint = fingerprint
         self.store = store
         self.shard_sizes = shard_sizes
-        self.say = say
+        self.progress = progress
 
-    def dataset(self, text_ref: ray.ObjectRef, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
+    def dataset(self, text_features: np.ndarray, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
         spec = self.spec
-        ds = decoded_images(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
-        ds = ds.map_batches(
-            SEDInference,
-            fn_constructor_kwargs={
-                "model": spec.model.model_dump(mode="json"),
-                "inference": spec.inference.model_dump(mode="json"),
-                "classes": list(self.taxonomy.classes),
-                "templates": list(self.taxonomy.templates),
-                # Computed once per job; each actor fetches it from the object store.
-                "text_features": functools.partial(ray.get, text_ref),
-                "checkpoint_hash": self.checkpoint_hash,
-            },
-            batch_size=spec.inference.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=spec.ray.num_actors),
-            num_cpus=spec.ray.cpus_per_actor,
-            num_gpus=spec.ray.gpus_per_actor,
-        )
+        ds = read_stage(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
+        classes, templates = list(self.taxonomy.classes), list(self.taxonomy.templates)
+        ds = model_stage(ds, spec.model, spec.inference, classes, templates, text_features, self.checkpoint_hash, spec.ray)
         return ds.map_batches(
             encode_labels,
             fn_kwargs={
@@ -193,21 +169,21 @@ class _Job:
             num_cpus=0.5,
         )
 
-    def label(self, text_ref: ray.ObjectRef, plan: pa.Table, pending: list[str], started: float) -> None:
-        quiet_ray_data()
+    def label(self, text_features: np.ndarray, plan: pa.Table, pending: list[str]) -> None:
         metadata = {
             "sed_label.classes": json.dumps(list(self.taxonomy.classes)),
             "sed_label.job_fingerprint": self.fingerprint,
         }
         writers: dict[str, ShardWriter] = {}
-        progress = {"shards": 0, "images": 0}
+        self.progress.start(sum(self.shard_sizes[shard] for shard in pending), "images", "labelling")
         # No prefetching: Ray Data's iterator then held each block until the next one was done, so
         # a shard whose block was out waited on the job's next block (a slow or stalled read) to commit.
-        dataset = self.dataset(text_ref, plan, pending)
+        dataset = self.dataset(text_features, plan, pending)
         batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:
-                self._write(batch, writers, metadata, progress, len(pending), started)
+                self._write(batch, writers, metadata)
+                self.progress.advance(batch.num_rows)
         finally:
             # On an error, stop the dataset's reads and actors now rather than when it is collected.
             close = getattr(batches, "close", None)
@@ -217,15 +193,7 @@ class _Job:
             missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
             raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
 
-    def _write(
-        self,
-        batch: pa.Table,
-        writers: dict[str, ShardWriter],
-        metadata: dict[str, str],
-        progress: dict[str, int],
-        pending: int,
-        started: float,
-    ) -> None:
+    def _write(self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str]) -> None:
         """Hand a batch's rows to their shards' writers; commit each shard as soon as it is complete."""
         for shard in pc.unique(batch.column("shard_id")).to_pylist():
             writer = writers.get(shard)
@@ -237,22 +205,16 @@ class _Job:
             if writer.complete:
                 stats = writer.commit()
                 del writers[shard]
-                progress["shards"] += 1
-                progress["images"] += stats["images"]
-                rate = progress["images"] / max(time.monotonic() - started, 1e-9)
-                self.say(
-                    f"shard {shard} committed: {stats['ok']} ok, {stats['errors']} errors "
-                    f"[{progress['shards']}/{pending} shards, {rate:.2f} images/s]"
-                )
+                self.progress.note(f"shard {shard} committed: {stats['ok']} ok, {stats['errors']} errors")
 
 
-def _errors_by_reason(store: OutputStore, markers: dict[str, dict[str, Any]]) -> dict[str, int]:
+def _errors_by_reason(store: JobOutput, markers: dict[str, dict[str, Any]]) -> dict[str, int]:
     """Error rows counted by reason (the reason's text up to its first colon)."""
     reasons: dict[str, int] = {}
-    for shard, marker in markers.items():
+    for marker in markers.values():
         if not marker["errors"]:
             continue
-        table = pq.read_table(pa.BufferReader(store.read_bytes(marker["files"][0])), columns=["error"])
+        table = store.read_labels(marker, columns=["error"])
         errors = table.column("error").drop_null().to_pylist()
         for message in errors:
             reason = message.split(":", 1)[0]
@@ -260,7 +222,7 @@ def _errors_by_reason(store: OutputStore, markers: dict[str, dict[str, Any]]) ->
     return dict(sorted(reasons.items(), key=lambda item: -item[1]))
 
 
-def merge_coco(store: OutputStore, classes: tuple[str, ...] | list[str], shards: list[str]) -> None:
+def merge_coco(store: JobOutput, classes: tuple[str, ...] | list[str], shards: list[str]) -> None:
     """One COCO file for the whole job from the committed shards' files, streamed to storage."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
         out.write('{"info": {"description": "sed-label pseudo-labels"}, "categories": ')

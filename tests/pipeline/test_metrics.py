@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import SemSegEvaluator
+from pipeline.metrics import SemSegEvaluator
 
 CLASSES = ["sky", "road", "car"]
 
@@ -90,7 +90,16 @@ def test_bad_input_is_named():
     ev = SemSegEvaluator(CLASSES)
     with pytest.raises(ValueError, match=r"outside 0\.\.2.*\[7\]"):
         ev.process(np.array([0]), np.array([7]))
-    with pytest.raises(ValueError, match="pixels"):
-        ev.process(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match=r"ground truth is 4x2, its image 3x2 \(width x height\)"):
+        ev.process(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="semantics"):
         SemSegEvaluator(CLASSES, semantics="new")
+
+
+def test_merged_predictions_count_as_the_merge_class():
+    """VOC-20b: predictions from the merge index on count as that index (background)."""
+    merged = SemSegEvaluator(CLASSES, merge_predictions_from=2)
+    merged.process(np.array([[0, 2, 5, 9]]), np.array([[0, 2, 2, 1]]))
+    plain = SemSegEvaluator(CLASSES)
+    plain.process(np.array([[0, 2, 2, 2]]), np.array([[0, 2, 2, 1]]))
+    np.testing.assert_array_equal(merged.confusion, plain.confusion)

@@ -9,24 +9,23 @@ The batches are a function of (seed, iteration) alone, so a resumed run sees the
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 import sed_model
 from schemas import TrainDataSpec, TrainSpec
 
+from ..datasets import BenchmarkItem, DatasetError, DatasetSpec, read_label_map, read_prepared
+from ..decode import DecodeError, decode_image
+from ..retry import is_transient, with_retries
+from ..sources import IMAGE_EXTENSIONS
+from ..storage import filesystem, to_url
+from ..taxonomy import Taxonomy, load_taxonomy
 from .augment import AugmentSettings, augment
-from .datasets import BenchmarkItem, DatasetError, DatasetSpec, read_label_map, read_prepared
-from .retry import is_permanent, with_retries
-from .sources import IMAGE_EXTENSIONS
-from .storage import filesystem, to_url
-from .taxonomy import Taxonomy, load_taxonomy
 
 
 class TrainDataError(ValueError):
@@ -175,25 +174,22 @@ def batch_indices(iteration: int, batch_size: int, num_items: int, seed: int) ->
 def read_pair(item: BenchmarkItem, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The item's RGB image `(H, W, 3)` uint8 and its label map `(H, W)` uint8/uint16, checked alike in size.
 
+    The image is decoded as every job decodes it (`decode.decode_image`: EXIF orientation applied).
     Storage faults are retried (`with_retries`); one that persists is raised as it is, so the run
     starts new workers, while what retrying cannot fix (a missing or undecodable file, access
     denied) is a `TrainDataError`, which stops the run at once.
     """
     fs, path = filesystem(item.image_url, storage_options)
     try:
-        data = with_retries(lambda: fs.cat_file(path), f"reading {item.image_url}")
-    except Exception as exc:
-        if not is_permanent(exc):
+        image = decode_image(with_retries(lambda: fs.cat_file(path), f"reading {item.image_url}"))
+    except (OSError, DecodeError) as exc:
+        if is_transient(exc):
             raise
         raise TrainDataError(f"cannot read image {item.image_url}: {type(exc).__name__}: {exc}") from exc
     try:
-        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except Exception as exc:  # PIL raises OSError subclasses for bad contents: all are the file's
-        raise TrainDataError(f"cannot read image {item.image_url}: {type(exc).__name__}: {exc}") from exc
-    try:  # decode_label_map turns bad contents into DatasetError, a permanent error
         label = with_retries(lambda: read_label_map(item.label_url, storage_options), f"reading {item.label_url}")
-    except Exception as exc:
-        if not is_permanent(exc):
+    except (OSError, DatasetError) as exc:
+        if is_transient(exc):
             raise
         raise TrainDataError(f"cannot read label map {item.label_url}: {exc}") from exc
     if label.shape != image.shape[:2]:

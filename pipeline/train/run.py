@@ -1,6 +1,6 @@
 """Training SED on Ray Train: the paper's recipe (`sed_model.train_step`) in DDP across workers.
 
-    labelled images (`train_data.py`: a folder or a prepared benchmark) -> the paper's augmentation
+    labelled images (`data.py`: a folder or a prepared benchmark) -> the paper's augmentation
     -> `train_step` on each worker (DDP; mixed precision on GPU) -> every `validation.every`
     iterations: mIoU on the validation images (`validation.py`, all workers) -> every
     `checkpoint_every` iterations and at the end, written by rank 0:
@@ -25,6 +25,7 @@ import logging
 import math
 import posixpath
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,13 +40,14 @@ import sed_model
 from schemas import TrainSpec
 from sed_model.checkpoint import load_state_dict_strict
 
-from .commit import OutputStore
-from .executor import connect_ray
-from .model_loading import encode_taxonomy, load_model, model_config
-from .preflight import preflight_training
-from .storage import filesystem, to_url
+from ..model_loading import encode_taxonomy, load_model, model_config
+from ..preflight import preflight_training
+from ..process import prepare_process
+from ..progress import LogProgress, Progress
+from ..ray_stages import connect_ray, encode_text_once
+from ..storage import OutputStore, filesystem, to_url
+from .data import LabelledData, TrainDataError, TrainingInputs, load_batch, training_inputs
 from .tensorboard_log import TensorBoardLog
-from .train_data import LabelledData, TrainDataError, load_batch, training_inputs
 from .validation import validate
 
 log = logging.getLogger("sed_label")
@@ -55,6 +57,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 PRECISION_ORDER = ("float32", "float16", "bfloat16")  # by what a worker's device runs natively
 WORKER_GROUP_RESTARTS = 3  # after failures other than the training data's
+PROGRESS_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -185,6 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    prepare_process()
     text = torch.from_numpy(ray.get(config["text"])).to(device)
     data: LabelledData = config["data"]
     validation: LabelledData | None = config["validation"]
@@ -213,6 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 record.update(validate(model, text, config["classes"], validation, spec.validation.top_k, rank, world))
             metrics.append(record)
             board.add(record)
+            if rank == 0:
+                config["iterations_done"].set.remote(done)  # fire and forget: the driver's progress bar
             if _due(done, spec.output.checkpoint_every, recipe.iterations):
                 if rank == 0:
                     save_training_state(store, model, optimizer, schedule, scaler, done, metrics)
@@ -222,37 +228,81 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         board.close()
 
 
-def _fit(spec: TrainSpec, classes: list[str], templates: list[str], data: LabelledData, validation: LabelledData | None) -> None:
+@ray.remote(num_cpus=0)
+class IterationCounter:
+    """Where the run is, for the driver's progress: rank 0 sets it after each iteration."""
+
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+    def set(self, done: int) -> None:
+        self.done = done
+
+    def get(self) -> int:
+        return self.done
+
+
+def _follow(counter: ray.actor.ActorHandle, progress: Progress, start: int, stop: threading.Event) -> None:
+    """Advance `progress` to the counter's iteration about once a second until `stop` is set."""
+    shown = start
+    while True:
+        stopping = stop.wait(PROGRESS_POLL_SECONDS)
+        done = ray.get(counter.get.remote())
+        if done > shown:
+            progress.advance(done - shown)
+            shown = done
+        if stopping:
+            return
+
+
+def _fit(spec: TrainSpec, inputs: TrainingInputs, start: int, progress: Progress) -> None:
     """Encode the class texts once, then run the workers on Ray Train until the last iteration."""
+    classes, templates = list(inputs.taxonomy.classes), list(inputs.taxonomy.templates)
     owns_ray = connect_ray(spec.ray)
     try:
-        encode = ray.remote(encode_classes_to_train).options(num_cpus=1)
-        text = ray.get(encode.remote(spec, classes, templates))
+        text = encode_text_once(encode_classes_to_train, spec, classes, templates)
+        counter = IterationCounter.remote(start)
         config = {
             "spec": spec.model_dump(mode="json"),
             "text": ray.put(text.numpy()),
             "classes": classes,
-            "data": data,
-            "validation": validation,
+            "data": inputs.data,
+            "validation": inputs.validation,
+            "iterations_done": counter,
         }
-        # A failed worker group is started again here rather than by Ray Train (max_failures=0),
-        # so that errors in the training data, which every attempt would meet again, stop the run
-        # at once; any other failure gets WORKER_GROUP_RESTARTS new groups, each resuming from state.pt.
-        for attempt in range(WORKER_GROUP_RESTARTS + 1):
-            try:
-                _fit_worker_group(spec, config, attempt)
-                return
-            except ray.train.WorkerGroupError as exc:
-                data_errors = [e for _, e in sorted(exc.worker_failures.items()) if isinstance(e, TrainDataError)]
-                if data_errors:
-                    raise TrainDataError(str(data_errors[0])) from exc
-                if attempt == WORKER_GROUP_RESTARTS:
-                    raise
-                log.warning("training workers failed (%s); starting them again from the last state (%d of %d)",
-                            exc, attempt + 1, WORKER_GROUP_RESTARTS)
+        progress.start(spec.recipe.iterations, "iterations", "training")
+        progress.advance(start)
+        stop = threading.Event()
+        follower = threading.Thread(target=_follow, args=(counter, progress, start, stop), daemon=True)
+        follower.start()
+        try:
+            _fit_with_restarts(spec, config)
+        finally:
+            stop.set()
+            follower.join()
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _fit_with_restarts(spec: TrainSpec, config: dict[str, Any]) -> None:
+    # A failed worker group is started again here rather than by Ray Train (max_failures=0),
+    # so that errors in the training data, which every attempt would meet again, stop the run
+    # at once; any other failure gets WORKER_GROUP_RESTARTS new groups, each resuming from state.pt.
+    for attempt in range(WORKER_GROUP_RESTARTS + 1):
+        try:
+            _fit_worker_group(spec, config, attempt)
+            return
+        except ray.train.WorkerGroupError as exc:
+            data_errors = [e for _, e in sorted(exc.worker_failures.items()) if isinstance(e, TrainDataError)]
+            if data_errors:
+                raise TrainDataError(str(data_errors[0])) from exc
+            if attempt == WORKER_GROUP_RESTARTS:
+                raise
+            log.warning(
+                "training workers failed (%s); starting them again from the last state (%d of %d)",
+                exc, attempt + 1, WORKER_GROUP_RESTARTS,
+            )
 
 
 def _fit_worker_group(spec: TrainSpec, config: dict[str, Any], attempt: int) -> None:
@@ -274,7 +324,7 @@ def _fit_worker_group(spec: TrainSpec, config: dict[str, Any], attempt: int) -> 
         trainer.fit()
 
 
-def run_training(spec: TrainSpec) -> TrainSummary:
+def run_training(spec: TrainSpec, progress: Progress | None = None) -> TrainSummary:
     """Train (or resume) as the spec says; returns where it started, the checkpoints, the losses and
     the last validation.
 
@@ -288,7 +338,7 @@ def run_training(spec: TrainSpec) -> TrainSummary:
     del state
     preflight_training(spec, inputs.taxonomy, resuming=start > 0)
     if start < spec.recipe.iterations:
-        _fit(spec, list(inputs.taxonomy.classes), list(inputs.taxonomy.templates), inputs.data, inputs.validation)
+        _fit(spec, inputs, start, progress or LogProgress())
     metrics = _read_metrics(store)
     evaluations = [m for m in metrics if "val_mIoU" in m]
     last_validation = None

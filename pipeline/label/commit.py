@@ -1,4 +1,4 @@
-"""The output folder of a job: its layout, its record (job.json, plan), and atomic shard commits.
+"""A labelling job's output folder: its layout, its record (job.json, plan), and atomic shard commits.
 
 A shard is the unit of commit. Its files (Parquet, COCO, PNGs) are written first; a marker
 `_committed/<shard>.json` is written last, with the shard's statistics. A shard without a marker is
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import JobSpec
+from schemas import JobSpec, read_labels_parquet
 
-from .retry import with_retries
-from .storage import StorageError, filesystem, join, to_url, upload_file, write_bytes
+from ..storage import OutputStore
 
 JOB_FILE = "job.json"
 PLAN_FILE = "plan.parquet"
@@ -30,8 +28,6 @@ COMMITTED_DIR = "_committed"
 MERGED_COCO_FILE = "labels.coco.json"
 SUMMARY_FILE = "summary.json"
 REDACTED = "***"
-
-T = TypeVar("T")
 
 
 class JobConflictError(RuntimeError):
@@ -61,52 +57,9 @@ def job_fingerprint(spec: JobSpec, taxonomy_hash: str, checkpoint_hash: str) -> 
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-class OutputStore:
-    """Reads and writes the files of one job's output folder, through fsspec.
+class JobOutput(OutputStore):
+    """The output folder of a labelling job: its record, its plan and its shard commits."""
 
-    Every call is retried on transient storage faults (`retry.py`); an error that persists or
-    cannot be retried raises `StorageError` naming the file. Nothing committed is touched.
-    """
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.url = url
-        self.fs, self.root = filesystem(url, storage_options)
-        self.root = self.root.rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        return join(self.root, *parts)
-
-    def url_of(self, *parts: str) -> str:
-        return to_url(self.fs, self.path(*parts))
-
-    def _io(self, action: str, relative: str, call: Callable[[], T]) -> T:
-        url = self.url_of(relative) if relative else self.url
-        try:
-            return with_retries(call, f"{action} {url}")
-        except Exception as exc:
-            raise StorageError(f"cannot {action} {url}: {type(exc).__name__}: {exc}") from exc
-
-    def write(self, relative: str, data: bytes) -> None:
-        self._io("write", relative, lambda: write_bytes(self.fs, self.path(relative), data))
-
-    def upload(self, relative: str, local_path: str) -> None:
-        self._io("write", relative, lambda: upload_file(self.fs, local_path, self.path(relative)))
-
-    def read_bytes(self, relative: str) -> bytes:
-        return self._io("read", relative, lambda: self.fs.cat_file(self.path(relative)))
-
-    def exists(self, relative: str) -> bool:
-        return self._io("check", relative, lambda: self.fs.exists(self.path(relative)))
-
-    def read_json(self, relative: str) -> dict[str, Any] | None:
-        if not self.exists(relative):
-            return None
-        return json.loads(self.read_bytes(relative))
-
-    def write_json(self, relative: str, record: dict[str, Any]) -> None:
-        self.write(relative, json.dumps(record, indent=2, sort_keys=True).encode())
-
-    # The job's record ----------------------------------------------------------------------------
     def read_plan(self) -> pa.Table | None:
         if not self.exists(PLAN_FILE):
             return None
@@ -120,21 +73,20 @@ class OutputStore:
     def clear(self) -> None:
         """Remove a previous job's files (for --overwrite); other files in the folder stay."""
         for name in (JOB_FILE, PLAN_FILE, MERGED_COCO_FILE, SUMMARY_FILE, COMMITTED_DIR, LABELS_DIR, COCO_DIR, PNG_DIR):
-            if self.exists(name):
-                self._io("remove", name, lambda: self.fs.rm(self.path(name), recursive=True))
+            self.remove(name)
 
-    # Shard commits --------------------------------------------------------------------------------
     def committed_shards(self) -> dict[str, dict[str, Any]]:
-        # Other processes commit too: a listing cached by this filesystem object may be stale.
-        self.fs.invalidate_cache(self.path(COMMITTED_DIR))
-        if not self.exists(COMMITTED_DIR):
-            return {}
+        """The markers of the committed shards, by shard id."""
         markers = {}
-        for path in sorted(self._io("list", COMMITTED_DIR, lambda: self.fs.find(self.path(COMMITTED_DIR)))):
+        for path in self.list(COMMITTED_DIR):
             name = path.rsplit("/", 1)[-1]
             if name.endswith(".json"):
                 markers[name[: -len(".json")]] = json.loads(self.read_bytes(f"{COMMITTED_DIR}/{name}"))
         return markers
+
+    def read_labels(self, marker: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+        """A committed shard's labels table (its marker names the Parquet file first), schema-checked."""
+        return read_labels_parquet(self.read_bytes(marker["files"][0]), columns=columns)
 
     def commit_shard(self, shard_id: str, stats: dict[str, Any]) -> None:
         self.write_json(f"{COMMITTED_DIR}/{shard_id}.json", stats)

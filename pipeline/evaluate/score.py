@@ -12,8 +12,8 @@ import numpy as np
 
 from schemas import STATUS_ERROR, STATUS_OK
 
-from .datasets import DatasetError, read_label_map
-from .evaluate import SemSegEvaluator
+from ..datasets import DatasetError, read_label_map
+from ..metrics import SemSegEvaluator
 
 
 def score_labels(
@@ -34,22 +34,13 @@ def score_labels(
         if status[i] != STATUS_OK:
             continue
         url = label_urls[int(batch["image_index"][i])]
+        evaluator = SemSegEvaluator(classes, ignore_label=ignore_label, merge_predictions_from=merge_predictions_from)
         try:
-            truth = read_label_map(url, storage_options)
+            evaluator.process(batch["label_map"][i], read_label_map(url, storage_options))
         except (DatasetError, OSError) as exc:
             status[i], error[i] = STATUS_ERROR, f"ground truth unreadable: {exc}"
             continue
-        prediction = batch["label_map"][i]
-        if truth.shape != prediction.shape:
-            status[i] = STATUS_ERROR
-            error[i] = f"ground truth {url} is {truth.shape[1]}x{truth.shape[0]}, its image {prediction.shape[1]}x{prediction.shape[0]}"
-            continue
-        if merge_predictions_from is not None:  # VOC-20b: every prompt past the 20 VOC classes is background
-            prediction = np.minimum(prediction, merge_predictions_from)
-        evaluator = SemSegEvaluator(classes, ignore_label=ignore_label)
-        try:
-            evaluator.process(prediction, truth)
-        except ValueError as exc:  # ground-truth values outside the dataset's classes
+        except ValueError as exc:  # another size, or values outside the dataset's classes
             status[i], error[i] = STATUS_ERROR, f"{url}: {exc}"
             continue
         flat = evaluator.confusion.reshape(-1)
