@@ -65,6 +65,7 @@ def make_spec(args: argparse.Namespace, images: Path, output: Path) -> JobSpec:
 def bare_loop(spec: JobSpec, paths: list[Path], threads: int) -> float:
     """Images per second of decode + model on one process, as an actor would run them."""
     torch.set_num_threads(threads)
+    sed_model.prepare_cpu_inference()  # as the job's actors do
     model, _ = load_model(spec.model, "cpu")
     taxonomy = load_taxonomy(spec.taxonomy)
     predictor = sed_model.SEDPredictor(model, top_k=spec.inference.top_k)

@@ -41,6 +41,11 @@ def connect_ray(spec: RaySpec) -> bool:
     Ray's own progress bars are off: the caller reports progress (`progress.py`). Workers' output
     stays in Ray's session logs instead of being copied to this process's console.
     """
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # A worker's error (a storage error in an encode task) reaches the driver as itself, so the
+    # job stops with its message instead of Ray Data's "UDF failed to process a data block".
+    context.raise_original_map_exception = True
     if ray.is_initialized():
         return False
     if spec.address is None:
@@ -48,7 +53,6 @@ def connect_ray(spec: RaySpec) -> bool:
         ray.init(address="local", num_cpus=spec.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=spec.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     return True
 
 
@@ -146,10 +150,18 @@ def model_stage(
         },
         batch_size=inference.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=ray_spec.num_actors),
+        compute=_actor_pool(ray_spec),
         num_cpus=ray_spec.cpus_per_actor,
         num_gpus=ray_spec.gpus_per_actor,
     )
+
+
+def _actor_pool(spec: RaySpec) -> ray.data.ActorPoolStrategy:
+    """A fixed pool, or one Ray Data grows towards `max` while blocks wait for an actor (and an
+    autoscaling cluster adds nodes for the actors it cannot place) and shrinks when idle."""
+    if isinstance(spec.num_actors, int):
+        return ray.data.ActorPoolStrategy(size=spec.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=spec.num_actors.min, max_size=spec.num_actors.max)
 
 
 def encode_taxonomy_once(model: ModelSpec, classes: list[str], templates: list[str]) -> tuple[np.ndarray, str]:

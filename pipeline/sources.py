@@ -12,6 +12,7 @@ import bisect
 import itertools
 import posixpath
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from schemas import InputSpec
 
 from .retry import with_retries
-from .storage import StorageError, filesystem, is_process_local, to_url
+from .storage import CONCURRENT_REQUESTS, StorageError, filesystem, is_process_local, to_url
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"})
 KIND_FILE, KIND_TAR, KIND_PARQUET = "file", "tar", "parquet"
@@ -166,21 +167,31 @@ def plan_shards(refs: list[ImageRef], shard_size: int) -> pa.Table:
 def read_images(rows: list[dict[str, Any]], image_column: str, storage_options: dict[str, Any]) -> list[bytes | Exception]:
     """The bytes of each planned image, or the exception that reading it raised.
 
-    Files are read whole, tar members with one ranged read, Parquet rows grouped per file so that
-    each row group is read once per batch.
+    Files are read whole and tar members with one ranged read, `CONCURRENT_REQUESTS` at a time
+    (an object store's latency is paid once per batch, not once per image); Parquet rows are
+    grouped per file so that each row group is read once per batch.
     """
     results: list[bytes | Exception] = [b""] * len(rows)
     parquet_rows: dict[str, list[int]] = {}
+    file_rows: list[int] = []
     for i, row in enumerate(rows):
         if row.get("inline") is not None:
             results[i] = row["inline"]
         elif row["kind"] == KIND_PARQUET:
             parquet_rows.setdefault(row["source"], []).append(i)
         else:
-            try:
-                results[i] = with_retries(lambda: _read_file(row, storage_options), f"reading {row['source']}")
-            except Exception as exc:  # a permanent or persisting error becomes this image's error row
-                results[i] = exc
+            file_rows.append(i)
+
+    def read(row: dict[str, Any]) -> bytes | Exception:
+        try:
+            return with_retries(lambda: _read_file(row, storage_options), f"reading {row['source']}")
+        except Exception as exc:  # a permanent or persisting error becomes this image's error row
+            return exc
+
+    if file_rows:
+        with ThreadPoolExecutor(min(CONCURRENT_REQUESTS, len(file_rows))) as pool:
+            for i, value in zip(file_rows, pool.map(read, [rows[i] for i in file_rows])):
+                results[i] = value
     for source, indices in parquet_rows.items():
         try:
             offsets = [rows[i]["offset"] for i in indices]

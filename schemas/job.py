@@ -7,7 +7,7 @@ when it is stale.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -96,6 +96,11 @@ class OutputSpec(_Spec):
     url: str = Field(description="fsspec URL of the output folder")
     formats: list[Literal["parquet", "coco", "png"]] = Field(default_factory=lambda: ["parquet", "coco"])
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    merge_coco: Literal["auto"] | bool = Field(
+        "auto",
+        description="also write one labels.coco.json for the whole job (built by a task from the shards' coco/*.json); "
+        "auto = up to 100,000 images, above which the merged file would be gigabytes that COCO readers load whole",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -105,9 +110,22 @@ class OutputSpec(_Spec):
         return list(dict.fromkeys(value))
 
 
+class ActorRange(_Spec):
+    min: int = Field(1, ge=1, description="actors kept while the job runs")
+    max: int = Field(ge=1, description="actors Ray Data may grow the pool to while work waits (as an autoscaling cluster adds nodes)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorRange":
+        if self.max < self.min:
+            raise ValueError(f"num_actors: max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class RaySpec(_Spec):
     address: str | None = Field(None, description="null = start an embedded local Ray; 'auto' or ray://HOST:PORT for a cluster")
-    num_actors: int = Field(1, ge=1, description="model actors (one SED each)")
+    num_actors: Annotated[int, Field(ge=1)] | ActorRange = Field(
+        1, description="model actors (one SED each): a number, or {min, max} for a pool that grows and shrinks with the work"
+    )
     gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")

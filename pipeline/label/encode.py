@@ -1,9 +1,17 @@
-"""Pipeline step (CPU): label maps -> COCO RLE per class, areas, boxes, PNG bytes; rows of the schema."""
+"""Pipeline step (CPU tasks): label maps -> COCO RLE per class, areas, boxes; rows of the schema.
+
+The PNG label maps are written here, by the tasks that make them, several uploads in flight per
+task (`OutputStore.write_many`): no pixel goes through the driver, and a cluster writes them as
+fast as it makes them. A row carries its PNG's name; the shard's marker, written last, lists it,
+so a PNG of a shard that is not committed yet is invisible to readers and rewritten when the shard
+is redone.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -14,8 +22,25 @@ from pycocotools import mask as mask_utils
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_OK, png_unlabeled_value
 
 from ..infer import UNLABELED
+from .coco import coco_fragments
+from .commit import PNG_DIR, JobOutput
 
-ENCODED_SCHEMA = LABELS_SCHEMA.append(pa.field("label_png", pa.binary()))
+COCO_ROW_COLUMNS = ["status", "image_index", "image_id", "width", "height", "labels"]
+
+# The labels schema plus what the shard writer needs and the Parquet does not keep: the row's PNG
+# label map, relative to the output folder (null: none written), and its COCO fragments.
+WORK_COLUMNS = ("png_file", "coco_image", "coco_annotations")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(image_index: int, image_id: str, max_length: int = 80) -> str:
+    """An object name from an image id: never `..`, `/` or absolute; unique through the index."""
+    stem = _UNSAFE.sub("_", image_id.rsplit("/", 1)[-1].rsplit(".", 1)[0]).strip("._")[:max_length]
+    return f"{image_index:09d}_{stem}" if stem else f"{image_index:09d}"
+
+
+def png_file(shard_id: str, image_index: int, image_id: str) -> str:
+    return f"{PNG_DIR}/{shard_id}/{safe_name(image_index, image_id)}.png"
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -42,15 +67,19 @@ def encode_png(label_map: np.ndarray, num_classes: int) -> bytes:
 
 
 def encode_labels(
-    batch: dict[str, np.ndarray], num_classes: int, taxonomy_hash: str, checkpoint_hash: str, write_png: bool
+    batch: dict[str, np.ndarray],
+    num_classes: int,
+    taxonomy_hash: str,
+    checkpoint_hash: str,
+    png_output: dict[str, Any] | None = None,
 ) -> pa.Table:
-    """The model step's output -> rows of the labels schema (plus PNG bytes when asked for)."""
+    """The model step's output -> rows of the labels schema; with `png_output` (`url`,
+    `storage_options` of the job's output) each ok row's PNG label map is written there."""
     n = len(batch["image_index"])
-    labels, pngs = [], []
+    labels, pngs = [], {}
     for i in range(n):
         if batch["status"][i] != STATUS_OK:
             labels.append(None)
-            pngs.append(None)
             continue
         label_map = batch["label_map"][i]
         entries = []
@@ -59,7 +88,10 @@ def encode_labels(
             entry.update(encode_mask(label_map == class_id))
             entries.append(entry)
         labels.append(entries)
-        pngs.append(encode_png(label_map, num_classes) if write_png else None)
+        if png_output is not None:
+            pngs[i] = (png_file(batch["shard_id"][i], int(batch["image_index"][i]), batch["image_id"][i]), encode_png(label_map, num_classes))
+    if pngs:
+        JobOutput(png_output["url"], png_output["storage_options"]).write_many(dict(pngs.values()))
     ok = batch["status"] == STATUS_OK
     now = dt.datetime.now(dt.timezone.utc)
     columns = {
@@ -78,6 +110,10 @@ def encode_labels(
         "taxonomy_hash": [taxonomy_hash] * n,
         "checkpoint_hash": [checkpoint_hash] * n,
         "labeled_at": [now] * n,
-        "label_png": pngs,
+        "png_file": [pngs[i][0] if i in pngs else None for i in range(n)],
     }
-    return pa.table(columns, schema=ENCODED_SCHEMA)
+    table = pa.table(columns, schema=LABELS_SCHEMA.append(pa.field("png_file", pa.string())))
+    # The COCO fragments from the table's own values (as float32 as the Parquet keeps them).
+    fragments = [coco_fragments(row, num_classes) for row in table.select(COCO_ROW_COLUMNS).to_pylist()]
+    table = table.append_column("coco_image", pa.array([f[0] for f in fragments], pa.string()))
+    return table.append_column("coco_annotations", pa.array([f[1] for f in fragments], pa.string()))

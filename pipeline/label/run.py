@@ -2,18 +2,26 @@
 
     plan (listed once, saved) -> pending shards -> read + decode (CPU tasks)
       -> SED (actor pool: one model per actor, text embeddings computed once per job)
-      -> RLE / PNG encoding (CPU tasks) -> shard writers in the driver -> commit markers
+      -> RLE encoding, PNG label maps written (CPU tasks) -> shard files and commit markers
 
-Rows stream through Ray Data with bounded memory; the driver only holds the rows of shards that
-are not complete yet (small: RLE strings and statistics, no pixels but PNG bytes when asked for).
+Rows stream through Ray Data with bounded memory. The driver holds only the rows of shards that
+are not complete yet (RLE strings and statistics: no pixels) and writes each complete shard's two
+files and its marker from a few threads, so no storage request stops it: per image it does a few
+microseconds of bookkeeping, not a request. The files that grow with the images (PNG label maps)
+are written by the encode tasks, across the cluster.
+
+A job's start lists the committed markers once (no marker is read); its end reads them many at a
+time, and the merged COCO file is built by a task (`output.merge_coco`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,10 +35,19 @@ from schemas import LABELS_SCHEMA_VERSION, JobSpec
 from ..progress import LogProgress, Progress
 from ..ray_stages import connect_ray, encode_taxonomy_once, model_stage, read_stage
 from ..sources import list_images, plan_shards
+from ..storage import is_process_local
 from ..taxonomy import Taxonomy, load_taxonomy
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, JobOutput, job_fingerprint, redact
 from .encode import encode_labels
-from .writers import ShardWriter, coco_categories
+from .coco import coco_categories
+from .writers import ShardWriter
+
+# Shards committed at once by the driver's threads (each is three requests: Parquet, COCO, marker).
+COMMIT_THREADS = 8
+# `output.merge_coco: auto` merges the shards' COCO files into one up to this many images; above
+# it the merged file would be gigabytes that most COCO readers load whole (use coco/*.json).
+MERGE_COCO_AUTO_MAX_IMAGES = 100_000
+COCO_SHARDS_READ_AT_ONCE = 64
 
 
 @dataclass
@@ -101,8 +118,8 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = 
         store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite, progress)
         counts = pc.value_counts(plan.column("shard_id"))
         shard_sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
-        done_before = store.committed_shards()
-        pending = sorted(set(shard_sizes) - set(done_before))
+        done_before = set(store.committed_shard_ids())
+        pending = sorted(set(shard_sizes) - done_before)
         summary = JobSummary(output_url=spec.output.url, shards_total=len(shard_sizes), shards_done_before=len(done_before))
         if not pending:
             summary.nothing_to_do = True
@@ -113,20 +130,23 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = 
             )
             job = _Job(spec, taxonomy, checkpoint_hash, fingerprint, store, shard_sizes, progress)
             job.label(text_features, plan, pending)
+        markers = store.committed_shards()
+        summary.images = sum(m["images"] for m in markers.values())
+        summary.ok = sum(m["ok"] for m in markers.values())
+        summary.errors = sum(m["errors"] for m in markers.values())
+        summary.shards_committed = len(markers) - len(done_before)
+        labelled_now = sum(m["images"] for shard, m in markers.items() if shard not in done_before)
+        summary.errors_by_reason = _errors_by_reason(store, markers)
+        if _merges_coco(spec, plan.num_rows):
+            if not summary.nothing_to_do or not store.exists(MERGED_COCO_FILE):
+                _merge_coco_in_a_task(store, taxonomy.classes, sorted(markers))
+        else:
+            store.remove(MERGED_COCO_FILE)  # a merge of an earlier run would no longer match the shards
     finally:
         if owns_ray:
             ray.shutdown()
-    markers = store.committed_shards()
-    summary.images = sum(m["images"] for m in markers.values())
-    summary.ok = sum(m["ok"] for m in markers.values())
-    summary.errors = sum(m["errors"] for m in markers.values())
-    summary.shards_committed = len(markers) - len(done_before)
     summary.seconds = round(time.monotonic() - started, 3)
-    labelled_now = sum(m["images"] for shard, m in markers.items() if shard not in done_before)
     summary.images_per_second = round(labelled_now / summary.seconds, 3) if summary.seconds else 0.0
-    summary.errors_by_reason = _errors_by_reason(store, markers)
-    if "coco" in spec.output.formats and (not summary.nothing_to_do or not store.exists(MERGED_COCO_FILE)):
-        merge_coco(store, taxonomy.classes, sorted(markers))
     store.write_json(SUMMARY_FILE, summary.to_dict())
     return summary
 
@@ -163,7 +183,9 @@ class _Job:
                 "num_classes": len(self.taxonomy.classes),
                 "taxonomy_hash": self.taxonomy.hash,
                 "checkpoint_hash": self.checkpoint_hash,
-                "write_png": "png" in spec.output.formats,
+                "png_output": (
+                    {"url": spec.output.url, "storage_options": spec.output.storage_options} if "png" in spec.output.formats else None
+                ),
             },
             batch_format="numpy",
             num_cpus=0.5,
@@ -180,21 +202,27 @@ class _Job:
         # a shard whose block was out waited on the job's next block (a slow or stalled read) to commit.
         dataset = self.dataset(text_features, plan, pending)
         batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
-        try:
-            for batch in batches:
-                self._write(batch, writers, metadata)
-                self.progress.advance(batch.num_rows)
-        finally:
-            # On an error, stop the dataset's reads and actors now rather than when it is collected.
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+        commits: list[Future] = []
+        with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as committer:
+            try:
+                for batch in batches:
+                    self._write(batch, writers, metadata, committer, commits)
+                    self.progress.advance(batch.num_rows)
+                    _raise_failed(commits)
+            finally:
+                # On an error, stop the dataset's reads and actors now rather than when it is collected.
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+        _raise_failed(commits)  # the pool has finished every commit
         if writers:
             missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
             raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
 
-    def _write(self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str]) -> None:
-        """Hand a batch's rows to their shards' writers; commit each shard as soon as it is complete."""
+    def _write(
+        self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str], committer: ThreadPoolExecutor, commits: list[Future]
+    ) -> None:
+        """Hand a batch's rows to their shards' writers; a complete shard is committed by `committer`."""
         for shard in pc.unique(batch.column("shard_id")).to_pylist():
             writer = writers.get(shard)
             if writer is None:
@@ -203,40 +231,83 @@ class _Job:
                 )
             writer.add(batch.filter(pc.equal(batch.column("shard_id"), shard)))
             if writer.complete:
-                stats = writer.commit()
                 del writers[shard]
-                self.progress.note(f"shard {shard} committed: {stats['ok']} ok, {stats['errors']} errors")
+                commits.append(committer.submit(self._commit, writer))
+
+    def _commit(self, writer: ShardWriter) -> None:
+        stats = writer.commit()
+        self.progress.note(f"shard {writer.shard_id} committed: {stats['ok']} ok, {stats['errors']} errors")
+
+
+def _raise_failed(commits: list[Future]) -> None:
+    """Raise the error of a failed commit (the job stops: nothing committed is touched); drop finished ones."""
+    done = [future for future in commits if future.done()]
+    for future in done:
+        commits.remove(future)
+        future.result()
 
 
 def _errors_by_reason(store: JobOutput, markers: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Error rows counted by reason (the reason's text up to its first colon)."""
+    """Error rows counted by reason (the reason's text up to its first colon), from the markers."""
     reasons: dict[str, int] = {}
     for marker in markers.values():
-        if not marker["errors"]:
-            continue
-        table = store.read_labels(marker, columns=["error"])
-        errors = table.column("error").drop_null().to_pylist()
-        for message in errors:
-            reason = message.split(":", 1)[0]
-            reasons[reason] = reasons.get(reason, 0) + 1
+        counts = marker.get("errors_by_reason")
+        if counts is None and marker["errors"]:  # committed by a version that did not count them
+            errors = store.read_labels(marker, columns=["error"]).column("error").drop_null().to_pylist()
+            counts = {}
+            for message in errors:
+                counts[message.split(":", 1)[0]] = counts.get(message.split(":", 1)[0], 0) + 1
+        for reason, count in (counts or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
     return dict(sorted(reasons.items(), key=lambda item: -item[1]))
 
 
-def merge_coco(store: JobOutput, classes: tuple[str, ...] | list[str], shards: list[str]) -> None:
-    """One COCO file for the whole job from the committed shards' files, streamed to storage."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
-        out.write('{"info": {"description": "sed-label pseudo-labels"}, "categories": ')
-        out.write(json.dumps(coco_categories(classes)))
-        for key in ("images", "annotations"):
-            out.write(f', "{key}": [')
-            first = True
-            for shard in shards:
-                for item in json.loads(store.read_bytes(f"{COCO_DIR}/{shard}.json"))[key]:
-                    out.write(("" if first else ", ") + json.dumps(item))
-                    first = False
-            out.write("]")
-        out.write("}")
-    try:
-        store.upload(MERGED_COCO_FILE, out.name)
-    finally:
-        os.unlink(out.name)
+def _merges_coco(spec: JobSpec, images: int) -> bool:
+    if "coco" not in spec.output.formats:
+        return False
+    if spec.output.merge_coco == "auto":
+        return images <= MERGE_COCO_AUTO_MAX_IMAGES
+    return spec.output.merge_coco
+
+
+def _merge_coco_in_a_task(store: JobOutput, classes: tuple[str, ...], shards: list[str]) -> None:
+    """`merge_coco` in a Ray task, off the driver (here, where only this process sees the storage)."""
+    if is_process_local(store.fs):
+        merge_coco(store.url, {}, classes, shards, store=store)
+        return
+    merge = ray.remote(merge_coco).options(num_cpus=1)
+    ray.get(merge.remote(store.url, store.storage_options, classes, shards))
+
+
+def merge_coco(
+    url: str, storage_options: dict[str, Any], classes: tuple[str, ...] | list[str], shards: list[str], store: JobOutput | None = None
+) -> None:
+    """One COCO file for the whole job from the committed shards' files: read many at a time, each
+    once, streamed through two local files (images, annotations) into one upload."""
+    store = store or JobOutput(url, storage_options)
+    with tempfile.TemporaryDirectory() as folder:
+        parts = {key: open(os.path.join(folder, key), "w") for key in ("images", "annotations")}
+        firsts = dict.fromkeys(parts, True)
+        try:
+            for start in range(0, len(shards), COCO_SHARDS_READ_AT_ONCE):
+                chunk = shards[start : start + COCO_SHARDS_READ_AT_ONCE]
+                for data in store.read_many([f"{COCO_DIR}/{shard}.json" for shard in chunk]):
+                    document = json.loads(data)
+                    for key, out in parts.items():
+                        for item in document[key]:
+                            out.write(("" if firsts[key] else ", ") + json.dumps(item))
+                            firsts[key] = False
+        finally:
+            for out in parts.values():
+                out.close()
+        merged = os.path.join(folder, "merged.json")
+        with open(merged, "w") as out:
+            out.write('{"info": {"description": "sed-label pseudo-labels"}, "categories": ')
+            out.write(json.dumps(coco_categories(classes)))
+            for key in parts:
+                out.write(f', "{key}": [')
+                with open(os.path.join(folder, key)) as part:
+                    shutil.copyfileobj(part, out)
+                out.write("]")
+            out.write("}")
+        store.upload(MERGED_COCO_FILE, merged)

@@ -1,60 +1,28 @@
-"""Shard writers: one shard's rows -> Parquet, COCO JSON and PNG label maps, then the commit marker.
+"""Shard writers: one shard's rows -> its Parquet and COCO JSON, then the commit marker.
 
-Each format implements only its small part; `ShardWriter` collects a shard's rows as they stream in
-(they may arrive in any order) and writes every format once the shard is complete.
+`ShardWriter` collects a shard's rows as they stream in (they may arrive in any order) and, once
+the shard is complete, writes its two files and then the marker, which lists them with the PNG
+label maps the encode tasks wrote (`encode.py`). Everything per row was done by the encode tasks
+(RLE, PNG, the COCO fragments): here Arrow sorts and writes the table and the COCO file is a
+string join, so the driver's work per image stays in microseconds; its two files are two
+requests whatever the shard's size.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import COCO_CATEGORY_OFFSET, LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_OK
+from schemas import LABELS_SCHEMA, STATUS_OK
 
-from .commit import COCO_DIR, LABELS_DIR, PNG_DIR, JobOutput
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(image_index: int, image_id: str, max_length: int = 80) -> str:
-    """An object name from an image id: never `..`, `/` or absolute; unique through the index."""
-    stem = _UNSAFE.sub("_", image_id.rsplit("/", 1)[-1].rsplit(".", 1)[0]).strip("._")[:max_length]
-    return f"{image_index:09d}_{stem}" if stem else f"{image_index:09d}"
-
-
-def coco_categories(classes: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"id": i + COCO_CATEGORY_OFFSET, "name": name, "supercategory": ""} for i, name in enumerate(classes)]
-
-
-def coco_images_and_annotations(rows: Iterable[dict[str, Any]], num_classes: int) -> tuple[list[dict], list[dict]]:
-    """COCO `images` (ok rows) and `annotations` (one per image and class present, RLE masks)."""
-    images, annotations = [], []
-    for row in rows:
-        if row["status"] != STATUS_OK:
-            continue
-        index = row["image_index"]
-        images.append({"id": index, "file_name": row["image_id"], "width": row["width"], "height": row["height"]})
-        for label in row["labels"]:
-            annotations.append(
-                {
-                    "id": index * num_classes + label["class_id"] + 1,
-                    "image_id": index,
-                    "category_id": label["class_id"] + COCO_CATEGORY_OFFSET,
-                    "segmentation": {"size": [row["height"], row["width"]], "counts": label["rle_counts"]},
-                    "area": label["area"],
-                    "bbox": list(label["bbox"]),
-                    "score": label["mean_prob"],
-                    "iscrowd": 0,
-                }
-            )
-    return images, annotations
+from .coco import shard_document
+from .commit import COCO_DIR, LABELS_DIR, JobOutput
+from .encode import WORK_COLUMNS
 
 
 class ShardWriter:
@@ -88,21 +56,24 @@ class ShardWriter:
         return self.rows == self.expected_rows
 
     def commit(self) -> dict[str, Any]:
-        """Write every format, then the marker; returns the shard's statistics."""
+        """Write the shard's files, then the marker; returns the shard's statistics (the marker's content)."""
         table = pa.concat_tables(self.tables)
         table = table.take(pc.sort_indices(table, [("image_index", "ascending")]))
-        files = [self._write_parquet(table)]
-        rows = table.drop_columns(["label_png"]).to_pylist()
+        files = [self._write_parquet(table.drop_columns(list(WORK_COLUMNS)))]
         if "coco" in self.formats:
-            files.append(self._write_coco(rows))
-        if "png" in self.formats:
-            files.extend(self._write_pngs(table))
-        ok = sum(row["status"] == STATUS_OK for row in rows)
+            files.append(self._write_coco(table))
+        files.extend(name for name in table.column("png_file").to_pylist() if name is not None)
+        failed = table.filter(pc.not_equal(table.column("status"), STATUS_OK)).column("error").to_pylist()
+        reasons: dict[str, int] = {}
+        for error in failed:
+            reason = (error or "unknown").split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
         stats = {
             "shard_id": self.shard_id,
-            "images": len(rows),
-            "ok": ok,
-            "errors": len(rows) - ok,
+            "images": table.num_rows,
+            "ok": table.num_rows - len(failed),
+            "errors": len(failed),
+            "errors_by_reason": reasons,
             "files": files,
             "seconds": round(time.monotonic() - self.started, 3),
             "committed_at": time.time(),
@@ -111,7 +82,7 @@ class ShardWriter:
         return stats
 
     def _write_parquet(self, table: pa.Table) -> str:
-        labels = table.drop_columns(["label_png"]).cast(LABELS_SCHEMA)
+        labels = table.cast(LABELS_SCHEMA)
         metadata = dict(LABELS_SCHEMA.metadata)
         metadata.update({k.encode(): v.encode() for k, v in self.file_metadata.items()})
         labels = labels.replace_schema_metadata(metadata)
@@ -121,26 +92,10 @@ class ShardWriter:
         self.store.write(relative, sink.getvalue().to_pybytes())
         return relative
 
-    def _write_coco(self, rows: list[dict[str, Any]]) -> str:
-        images, annotations = coco_images_and_annotations(rows, len(self.classes))
-        document = {
-            "info": {"description": f"sed-label pseudo-labels, shard {self.shard_id}", "schema_version": LABELS_SCHEMA_VERSION},
-            "images": images,
-            "annotations": annotations,
-            "categories": coco_categories(self.classes),
-        }
+    def _write_coco(self, table: pa.Table) -> str:
+        document = shard_document(
+            self.shard_id, self.classes, table.column("coco_image").to_pylist(), table.column("coco_annotations").to_pylist()
+        )
         relative = f"{COCO_DIR}/{self.shard_id}.json"
-        self.store.write(relative, json.dumps(document).encode())
+        self.store.write(relative, document)
         return relative
-
-    def _write_pngs(self, table: pa.Table) -> list[str]:
-        written = []
-        for index, image_id, png in zip(
-            table.column("image_index").to_pylist(), table.column("image_id").to_pylist(), table.column("label_png").to_pylist()
-        ):
-            if png is None:
-                continue
-            relative = f"{PNG_DIR}/{self.shard_id}/{safe_name(index, image_id)}.png"
-            self.store.write(relative, png)
-            written.append(relative)
-        return written

@@ -228,6 +228,12 @@ def schema_fields(schema: dict) -> list[str]:
                 found += objects(option)
         return found
 
+    def also_a_value(node: dict) -> bool:
+        """A field that is an object in one alternative and a plain value in another (not null)."""
+        node = resolve(node)
+        options = [resolve(option) for option in node.get("anyOf", node.get("oneOf", []))]
+        return any(not option.get("properties") and option.get("type") not in (None, "null") for option in options)
+
     def walk(node: dict, prefix: str) -> list[str]:
         paths = []
         for name, field in node["properties"].items():
@@ -235,7 +241,7 @@ def schema_fields(schema: dict) -> list[str]:
             if sections:
                 for section in sections:
                     paths += walk(section, f"{prefix}{name}.")
-            else:
+            if not sections or also_a_value(field):
                 paths.append(f"{prefix}{name}")
         return paths
 
@@ -278,6 +284,10 @@ def test_the_schema_walk_follows_refs_and_optional_sections():
             "Inner": {"type": "object", "properties": {"a": {"type": "integer"}, "deep": {"$ref": "#/$defs/Deep"}}},
             "Deep": {"type": "object", "properties": {"b": {"type": "string"}}},
         },
-        "properties": {"section": {"anyOf": [{"$ref": "#/$defs/Inner"}, {"type": "null"}]}, "flat": {"type": "object"}},
+        "properties": {
+            "section": {"anyOf": [{"$ref": "#/$defs/Inner"}, {"type": "null"}]},
+            "flat": {"type": "object"},
+            "either": {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/Inner"}]},
+        },
     }
-    assert schema_fields(schema) == ["flat", "section.a", "section.deep.b"]
+    assert schema_fields(schema) == ["either", "either.a", "either.deep.b", "flat", "section.a", "section.deep.b"]

@@ -18,9 +18,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.label.commit import REDACTED, JobOutput, job_fingerprint, redact
-from pipeline.label.encode import encode_labels, encode_mask, encode_png
+from pipeline.label.encode import encode_labels, encode_mask, encode_png, safe_name
 from pipeline.infer import UNLABELED
-from pipeline.label.writers import ShardWriter, coco_images_and_annotations, safe_name
+from pipeline.label.run import _merges_coco, merge_coco
+from pipeline.label.coco import coco_images_and_annotations
+from pipeline.label.writers import ShardWriter
+from pipeline.storage import StorageError
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_table
 
 CLASSES = ["sky", "tree", "road"]
@@ -196,9 +199,9 @@ def model_output(shard: str = "000003") -> tuple[dict[str, np.ndarray], np.ndarr
     return batch, label_map
 
 
-def test_encode_labels_rows():
+def test_encode_labels_rows_and_their_png_written_by_the_encode_task(tmp_path):
     batch, label_map = model_output()
-    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", write_png=True)
+    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", png_output={"url": str(tmp_path), "storage_options": {}})
     rows = table.to_pylist()
     ok, error = rows
     assert [label["class_id"] for label in ok["labels"]] == [0, 2]
@@ -206,16 +209,19 @@ def test_encode_labels_rows():
     assert ok["labels"][1]["mean_prob"] == pytest.approx(0.8)
     assert (ok["width"], ok["height"], ok["unlabeled_area"], ok["kept_classes"]) == (8, 5, 1, [0, 1, 2])
     assert ok["error"] is None and ok["schema_version"] == LABELS_SCHEMA_VERSION
-    np.testing.assert_array_equal(read_png(ok["label_png"]), np.where(label_map == UNLABELED, 255, label_map))
-    assert error["labels"] is None and error["label_png"] is None and error["width"] is None
+    assert ok["png_file"] == f"png/000003/{safe_name(7, 'dir/b.png')}.png"
+    png = (tmp_path / ok["png_file"]).read_bytes()
+    np.testing.assert_array_equal(read_png(png), np.where(label_map == UNLABELED, 255, label_map))
+    assert error["labels"] is None and error["png_file"] is None and error["width"] is None
     assert error["error"].startswith("not an image")
-    assert encode_labels(batch, len(CLASSES), "tax", "ckpt", write_png=False).column("label_png").null_count == 2
+    assert [p.name for p in (tmp_path / "png" / "000003").iterdir()] == [f"{safe_name(7, 'dir/b.png')}.png"]
+    assert encode_labels(batch, len(CLASSES), "tax", "ckpt").column("png_file").null_count == 2
 
 
 def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     shard = "000003"
     batch, label_map = model_output(shard)
-    table = encode_labels(batch, len(CLASSES), "tax-hash", "ckpt-hash", write_png=True)
+    table = encode_labels(batch, len(CLASSES), "tax-hash", "ckpt-hash", png_output={"url": str(tmp_path / "out"), "storage_options": {}})
     store = JobOutput(str(tmp_path / "out"))
     writer = ShardWriter(store, shard, 2, ["parquet", "coco", "png"], CLASSES, {"sed_label.classes": json.dumps(CLASSES)})
     writer.add(table.slice(0, 1))  # rows stream in, in any order
@@ -235,7 +241,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     read_labels_table(parquet)  # the project's own reader accepts it
     assert parquet.column("image_index").to_pylist() == [6, 7]
     assert parquet.column("status").to_pylist() == [STATUS_ERROR, STATUS_OK]
-    assert "label_png" not in parquet.schema.names
+    assert "png_file" not in parquet.schema.names
 
     # COCO: loadable by pycocotools; each annotation's mask is the label map's pixels of its class.
     coco = COCO(str(out / "coco" / f"{shard}.json"))
@@ -248,7 +254,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
         np.testing.assert_array_equal(coco.annToMask(annotation), expected.astype(np.uint8))
         assert annotation["area"] == int(expected.sum())
 
-    # PNG: only for the ok row, named safely, 255 where unlabeled.
+    # PNG (written by encode_labels): only for the ok row, named safely, 255 where unlabeled.
     pngs = sorted((out / "png" / shard).iterdir())
     assert [p.name for p in pngs] == [f"{safe_name(7, 'dir/b.png')}.png"]
     np.testing.assert_array_equal(read_png(pngs[0].read_bytes()), np.where(label_map == UNLABELED, 255, label_map))
@@ -256,6 +262,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     # The marker is written last and counts the rows.
     marker = json.loads((out / "_committed" / f"{shard}.json").read_text())
     assert (marker["images"], marker["ok"], marker["errors"]) == (2, 1, 1)
+    assert marker["errors_by_reason"] == {"not an image": 1}
     assert marker["files"][0] == f"labels/{shard}.parquet"
     assert set(marker["files"]) == {f"labels/{shard}.parquet", f"coco/{shard}.json", f"png/{shard}/{pngs[0].name}"}
     assert stats["ok"] == 1 and stats["errors"] == 1
@@ -269,7 +276,7 @@ def test_shard_writer_without_coco_or_png_writes_only_parquet(tmp_path):
     batch, _ = model_output("000000")
     store = JobOutput(str(tmp_path))
     writer = ShardWriter(store, "000000", 2, ["parquet"], CLASSES, {})
-    writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
+    writer.add(encode_labels(batch, len(CLASSES), "t", "c"))
     assert writer.commit()["files"] == ["labels/000000.parquet"]
     assert not (tmp_path / "coco").exists() and not (tmp_path / "png").exists()
 
@@ -278,7 +285,7 @@ def test_shard_writer_refuses_more_rows_than_expected(tmp_path):
     batch, _ = model_output()
     writer = ShardWriter(JobOutput(str(tmp_path)), "000003", 1, ["parquet"], CLASSES, {})
     with pytest.raises(RuntimeError, match="2 rows for 1 images"):
-        writer.add(encode_labels(batch, len(CLASSES), "t", "c", write_png=False))
+        writer.add(encode_labels(batch, len(CLASSES), "t", "c"))
 
 
 def test_committed_shards_is_empty_before_any_commit(tmp_path):
@@ -334,3 +341,59 @@ def test_job_fingerprint_ignores_credentials_and_batch_size_but_not_inputs():
     assert job_fingerprint(job_spec(shard_size=8), "tax", "ckpt") != base
     assert job_fingerprint(job_spec(), "tax2", "ckpt") != base
     assert job_fingerprint(job_spec(), "tax", "ckpt2") != base
+
+
+# The job's start and end: listing, many markers at once, the merged COCO file -----------------------------------
+
+
+def test_committed_shard_ids_come_from_one_listing_and_markers_are_read_many_at_a_time(tmp_path, monkeypatch):
+    store = JobOutput(str(tmp_path))
+    for shard in ("000002", "000000", "000001"):
+        store.commit_shard(shard, {"shard_id": shard, "images": 1})
+    reads = []
+    monkeypatch.setattr(store, "read_bytes", lambda relative: reads.append(relative) or b"{}")
+    assert store.committed_shard_ids() == ["000000", "000001", "000002"]
+    assert reads == []  # the start of a job reads no marker
+    monkeypatch.undo()
+    markers = store.committed_shards(["000001", "000002"])
+    assert list(markers) == ["000001", "000002"] and markers["000002"]["images"] == 1
+
+
+def test_read_many_keeps_the_order_and_names_a_missing_file(tmp_path):
+    store = JobOutput(str(tmp_path))
+    store.write_many({f"f{i}": bytes([i]) for i in range(40)})
+    assert store.read_many([f"f{i}" for i in reversed(range(40))]) == [bytes([i]) for i in reversed(range(40))]
+    with pytest.raises(StorageError, match="cannot read .*missing"):
+        store.read_many(["f1", "missing"])
+
+
+def test_merged_coco_holds_every_shards_images_and_annotations(tmp_path):
+    store = JobOutput(str(tmp_path))
+    for shard, index in (("000000", 6), ("000001", 7)):
+        batch, _ = model_output(shard)
+        batch["image_index"] = np.array([index + 10, index], np.int64)
+        batch["status"] = np.array([STATUS_OK, STATUS_OK], dtype=object)
+        batch["label_map"][1] = np.zeros((5, 8), np.uint16)
+        batch["class_ids"][1] = np.array([0], np.int32)
+        batch["mean_probs"][1] = batch["max_probs"][1] = np.array([0.5], np.float32)
+        batch["width"], batch["height"] = np.array([8, 8], np.int32), np.array([5, 5], np.int32)
+        writer = ShardWriter(store, shard, 2, ["parquet", "coco"], CLASSES, {})
+        writer.add(encode_labels(batch, len(CLASSES), "t", "c"))
+        writer.commit()
+    merge_coco(store.url, {}, CLASSES, ["000000", "000001"])
+    coco = COCO(str(tmp_path / "labels.coco.json"))
+    assert sorted(coco.imgs) == [6, 7, 16, 17]
+    assert len(coco.anns) == 6 and len({a["id"] for a in coco.anns.values()}) == 6
+
+
+@pytest.mark.parametrize(
+    ("setting", "images", "formats", "merges"),
+    [("auto", 100_000, ["parquet", "coco"], True), ("auto", 100_001, ["parquet", "coco"], False),
+     (True, 10**7, ["parquet", "coco"], True), (False, 10, ["parquet", "coco"], False), (True, 10, ["parquet"], False)],
+)
+def test_merge_coco_setting(setting, images, formats, merges):
+    spec = JobSpec.model_validate(
+        {"input": {"url": "x"}, "taxonomy": {"classes": ["a"]}, "model": {"weights": None},
+         "output": {"url": "o", "formats": formats, "merge_coco": setting}}
+    )
+    assert _merges_coco(spec, images) == merges
