@@ -260,3 +260,19 @@ def test_relative_clip_weights_files_become_absolute_and_tags_stay(tmp_path, mon
         spec["model"]["clip_weights"] = clip_weights
         (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
         assert load_train_spec(tmp_path / "train.yaml").model.clip_weights == expected
+
+
+def test_num_actors_is_a_number_or_a_range_for_an_autoscaling_pool(tmp_path):
+    from pipeline.ray_stages import _actor_pool
+
+    spec = demo_spec(tmp_path)
+    spec["ray"]["num_actors"] = {"min": 2, "max": 16}
+    pool = _actor_pool(JobSpec.model_validate(spec).ray)
+    assert (pool.min_size, pool.max_size) == (2, 16)
+    spec["ray"]["num_actors"] = 3
+    pool = _actor_pool(JobSpec.model_validate(spec).ray)
+    assert (pool.min_size, pool.max_size) == (3, 3)
+    for bad in ({"min": 4, "max": 2}, 0, {"min": 1}):
+        spec["ray"]["num_actors"] = bad
+        with pytest.raises(ValueError):
+            JobSpec.model_validate(spec)

@@ -17,6 +17,7 @@ from pipeline.decode import DecodeError, decode_image
 from pipeline.process import prepare_process
 
 LIMIT = 100_000_000  # the job spec's default max_pixels
+PIL_DEFAULT_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)  # PIL.Image's own value
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -139,7 +140,8 @@ def test_image_exactly_at_the_limit_is_accepted():
 def test_max_pixels_above_pils_default_limit_is_honoured_in_a_prepared_process(no_pixel_decoding, monkeypatch):
     # 15000x15000 = 225 M pixels, under a job limit of 250 M: the image must not be refused as a bomb.
     # (Pixel decoding is disabled by the fixture, so once fixed this fails fast at load(), not as a bomb.)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    # PIL's own default, whatever an earlier test's prepare_process left; restored after the test.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PIL_DEFAULT_MAX_IMAGE_PIXELS)
     data = one_bit_png(15000, 15000, with_pixels=False)
     with pytest.raises(DecodeError, match="bomb"):  # PIL's own limit, where the process is not prepared
         decode_image(data, max_pixels=250_000_000)
