@@ -17,7 +17,7 @@ import typer
 import sed_model
 from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
 from pipeline.evaluate import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
-from pipeline.label import JobConflictError, JobSummary, run_job
+from pipeline.label import ErrorRateExceeded, JobConflictError, JobSummary, run_job
 from pipeline.preflight import PreflightError, preflight, preflight_training
 from pipeline.process import prepare_process
 from pipeline.report import REPORT_HTML, ReportError, build_report
@@ -37,6 +37,7 @@ EXPECTED_ERRORS = (
     SpecError,
     PreflightError,
     JobConflictError,
+    ErrorRateExceeded,
     StorageError,
     InputError,
     TrainDataError,

@@ -21,12 +21,13 @@ from schemas import DEFAULT_MAX_PIXELS
 
 
 class DecodeError(ValueError):
-    """An image that cannot be turned into RGB; the message is the error row's reason."""
+    """An image that cannot be turned into RGB; the message is the error row's ("REASON: detail",
+    a reason of `schemas.IMAGE_ERROR_REASONS`)."""
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if not data:
-        raise DecodeError("empty file (0 bytes)")
+        raise DecodeError("empty file: 0 bytes")
     with warnings.catch_warnings():
         # Our own pixel limit (checked from the header below) replaces PIL's bomb heuristics.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -35,21 +36,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         except UnidentifiedImageError:
             raise DecodeError("not an image: no known image format matches these bytes") from None
         except Image.DecompressionBombError as exc:
-            raise DecodeError(f"refused as a decompression bomb: {exc}") from None
+            raise DecodeError(f"decompression bomb: {exc}") from None
         except OSError as exc:
-            raise DecodeError(f"unreadable image header: {exc}") from None
+            raise DecodeError(f"unreadable header: {exc}") from None
         width, height = image.size
         if width * height > max_pixels:
-            raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            raise DecodeError(f"too many pixels: {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
         if width == 0 or height == 0:
-            raise DecodeError(f"image has no pixels ({width}x{height})")
+            raise DecodeError(f"no pixels: the image is {width}x{height}")
         try:
             image.seek(0)  # first frame of an animation
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise DecodeError(f"corrupt or truncated image ({image.format}): {exc}") from None
+            raise DecodeError(f"corrupt or truncated: a {image.format} image that fails to decode: {exc}") from None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

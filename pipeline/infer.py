@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 import sed_model
-from schemas import STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
+from schemas import INFERENCE_FAILED, OUT_OF_MEMORY, STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
 
 from .model_loading import load_model, resolve_device
 from .process import prepare_process
 
 UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence)
+
+
+def inference_error_message(exc: Exception) -> str:
+    """"REASON: exception" for an image the model failed on (alone, after its batch failed)."""
+    reason = OUT_OF_MEMORY if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) else INFERENCE_FAILED
+    return f"{reason}: {type(exc).__name__}: {exc}"
 
 
 class SEDInference:
@@ -65,7 +71,7 @@ class SEDInference:
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
         for i, result in zip(ok, results):
             if isinstance(result, Exception):
-                status[i], error[i] = STATUS_ERROR, f"inference failed: {type(result).__name__}: {result}"
+                status[i], error[i] = STATUS_ERROR, inference_error_message(result)
                 continue
             label_maps[i], class_ids[i], mean_probs[i], max_probs[i], unlabeled[i] = self._summarise(result)
             kept[i] = result.kept.cpu().numpy().astype(np.int32)

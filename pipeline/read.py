@@ -7,13 +7,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from schemas import STATUS_ERROR, STATUS_OK
+from schemas import ACCESS_DENIED, NOT_FOUND, READ_FAILED, STATUS_ERROR, STATUS_OK
 
 from .decode import DecodeError, decode_image
 from .sources import read_images
 
 # An error row's image placeholder: it keeps the column's type without holding pixels.
 NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+def read_error_message(source: str, exc: Exception) -> str:
+    """"REASON: object: exception" for a failed read: the reason says whether the object is gone,
+    access to it is denied (fsspec's object stores raise FileNotFoundError and PermissionError, as
+    local files do; HTTP-based ones may carry the status instead), or something else failed."""
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(exc, FileNotFoundError) or status == 404:
+        reason = NOT_FOUND
+    elif isinstance(exc, PermissionError) or status in (401, 403):
+        reason = ACCESS_DENIED
+    else:
+        reason = READ_FAILED
+    return f"{reason}: {source}: {type(exc).__name__}: {exc}"
 
 
 def read_and_decode(
@@ -24,22 +38,21 @@ def read_and_decode(
     data = read_images(rows, image_column, storage_options)
     images, statuses, errors, widths, heights = [], [], [], [], []
     for row, value in zip(rows, data):
-        try:
-            if isinstance(value, Exception):
-                raise DecodeError(f"cannot read {row['source']}: {type(value).__name__}: {value}")
-            image = decode_image(value, max_pixels)
-        except DecodeError as exc:
-            images.append(NO_IMAGE)
-            statuses.append(STATUS_ERROR)
-            errors.append(str(exc))
-            widths.append(0)
-            heights.append(0)
-            continue
-        images.append(image)
-        statuses.append(STATUS_OK)
-        errors.append("")
-        heights.append(image.shape[0])
-        widths.append(image.shape[1])
+        image, error = None, ""
+        if isinstance(value, DecodeError):  # a Parquet cell without image bytes
+            error = str(value)
+        elif isinstance(value, Exception):
+            error = read_error_message(row["source"], value)
+        else:
+            try:
+                image = decode_image(value, max_pixels)
+            except DecodeError as exc:
+                error = str(exc)
+        images.append(NO_IMAGE if image is None else image)
+        statuses.append(STATUS_ERROR if image is None else STATUS_OK)
+        errors.append(error)
+        heights.append(0 if image is None else image.shape[0])
+        widths.append(0 if image is None else image.shape[1])
     image_array = np.empty(len(images), dtype=object)
     image_array[:] = images
     return {

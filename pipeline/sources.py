@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from schemas import InputSpec
 
+from .decode import DecodeError
 from .retry import with_retries
 from .storage import CONCURRENT_REQUESTS, StorageError, filesystem, is_process_local, to_url
 
@@ -165,7 +166,8 @@ def plan_shards(refs: list[ImageRef], shard_size: int) -> pa.Table:
 
 
 def read_images(rows: list[dict[str, Any]], image_column: str, storage_options: dict[str, Any]) -> list[bytes | Exception]:
-    """The bytes of each planned image, or the exception that reading it raised.
+    """The bytes of each planned image, or the exception that reading it raised (after retries,
+    for transient errors), or a `DecodeError` for a Parquet cell that holds no bytes.
 
     Files are read whole and tar members with one ranged read, `CONCURRENT_REQUESTS` at a time
     (an object store's latency is paid once per batch, not once per image); Parquet rows are
@@ -224,7 +226,7 @@ def _read_parquet_cells(source: str, row_numbers: list[int], column: str, storag
         value = columns[group][r - group_starts[group]].as_py()
         if isinstance(value, dict):  # HuggingFace-style {"bytes": ..., "path": ...}
             value = value.get("bytes")
-        cells.append(value if isinstance(value, bytes) else TypeError(f"column {column!r} holds {type(value).__name__}, not image bytes"))
+        cells.append(value if isinstance(value, bytes) else DecodeError(f"not image bytes: column {column!r} holds {type(value).__name__}"))
     return cells
 
 

@@ -1,22 +1,36 @@
 """Data contracts of sed-label: the job and training specs (pydantic) and the output schemas (pyarrow)."""
 
-from .job import DEFAULT_MAX_PIXELS, JOB_SPEC_VERSION, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
+from .job import DEFAULT_MAX_PIXELS, JOB_SPEC_VERSION, ErrorBreakerSpec, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
 from .train import TRAIN_SPEC_VERSION, RecipeSpec, TrainDataSpec, TrainOutputSpec, TrainScalingSpec, TrainSpec, ValidationSpec
 from .labels import (
+    ACCESS_DENIED,
     CLASS_LABEL,
     COCO_CATEGORY_OFFSET,
+    IMAGE_ERROR_REASONS,
+    INFERENCE_FAILED,
+    NOT_FOUND,
+    OUT_OF_MEMORY,
+    READ_FAILED,
     LABELS_SCHEMA,
     LABELS_SCHEMA_VERSION,
     STATUS_ERROR,
     STATUS_OK,
+    error_reason,
     png_unlabeled_value,
     read_labels_parquet,
     read_labels_table,
 )
 
 __all__ = [
+    "ACCESS_DENIED",
     "CLASS_LABEL",
     "COCO_CATEGORY_OFFSET",
+    "ErrorBreakerSpec",
+    "IMAGE_ERROR_REASONS",
+    "INFERENCE_FAILED",
+    "NOT_FOUND",
+    "OUT_OF_MEMORY",
+    "READ_FAILED",
     "DEFAULT_MAX_PIXELS",
     "InferenceSpec",
     "InputSpec",
@@ -37,6 +51,7 @@ __all__ = [
     "TrainScalingSpec",
     "TrainSpec",
     "ValidationSpec",
+    "error_reason",
     "png_unlabeled_value",
     "read_labels_parquet",
     "read_labels_table",

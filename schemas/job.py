@@ -131,6 +131,24 @@ class RaySpec(_Spec):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
 
 
+class ErrorBreakerSpec(_Spec):
+    max_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the job stops when one error reason not about the images' own bytes (not found, access denied, "
+        "read failed, out of memory, inference failed) takes more than this share of the images judged",
+    )
+    min_images: int = Field(32, ge=1, description="judged from this many images on (a run with fewer is judged at its end on all it saw)")
+    window: int = Field(256, ge=1, description="judged over the last this many images")
+
+    @model_validator(mode="after")
+    def _window_holds_min_images(self) -> "ErrorBreakerSpec":
+        if self.window < self.min_images:
+            raise ValueError(f"window ({self.window}) is below min_images ({self.min_images})")
+        return self
+
+
 class JobSpec(_Spec):
     version: Literal[1] = JOB_SPEC_VERSION
     input: InputSpec
@@ -139,6 +157,11 @@ class JobSpec(_Spec):
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     output: OutputSpec
     ray: RaySpec = Field(default_factory=RaySpec)
+    error_breaker: ErrorBreakerSpec | None = Field(
+        default_factory=ErrorBreakerSpec,
+        description="stops a job whose failures are not the images' fault, before their rows are committed; "
+        "null = never stop: every failure is committed as an error row",
+    )
 
     @model_validator(mode="after")
     def _gpu_needs_cuda(self) -> "JobSpec":

@@ -15,6 +15,21 @@ LABELS_SCHEMA_VERSION = 1
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
+# An error row's `error` reads "REASON: detail". Reasons about the image's own bytes: every read
+# of the same object fails the same way, so they are the image's row, whatever their share.
+IMAGE_ERROR_REASONS = frozenset(
+    {"empty file", "not an image", "unreadable header", "decompression bomb", "too many pixels", "no pixels", "corrupt or truncated", "not image bytes"}
+)
+# Reasons whose cause lies outside the image (storage, credentials, the model or its hardware):
+# a job stops when one of them takes too many rows (`JobSpec.error_breaker`).
+NOT_FOUND, ACCESS_DENIED, READ_FAILED = "not found", "access denied", "read failed"
+OUT_OF_MEMORY, INFERENCE_FAILED = "out of memory", "inference failed"
+
+
+def error_reason(message: str | None) -> str:
+    """The reason of an error row's message (its text before the first colon)."""
+    return (message or "unknown").split(":", 1)[0]
+
 CLASS_LABEL = pa.struct(
     [
         pa.field("class_id", pa.int32(), nullable=False),  # index in the taxonomy

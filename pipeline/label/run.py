@@ -11,7 +11,8 @@ microseconds of bookkeeping, not a request. The files that grow with the images 
 are written by the encode tasks, across the cluster.
 
 A job's start lists the committed markers once (no marker is read); its end reads them many at a
-time, and the merged COCO file is built by a task (`output.merge_coco`).
+time, and the merged COCO file is built by a task (`output.merge_coco`). A shard with failures
+that are not its images' waits for the error breaker's judgment before its commit (`breaker.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,16 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from schemas import LABELS_SCHEMA_VERSION, JobSpec
+from schemas import LABELS_SCHEMA_VERSION, STATUS_OK, JobSpec, error_reason
 
 from ..progress import LogProgress, Progress
 from ..ray_stages import connect_ray, encode_taxonomy_once, model_stage, read_stage
 from ..sources import list_images, plan_shards
 from ..storage import is_process_local
 from ..taxonomy import Taxonomy, load_taxonomy
+from .breaker import ErrorBreaker, ErrorRateExceeded, is_watched
+from .coco import coco_categories
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, JobOutput, job_fingerprint, redact
 from .encode import encode_labels
-from .coco import coco_categories
 from .writers import ShardWriter
 
 # Shards committed at once by the driver's threads (each is three requests: Parquet, COCO, marker).
@@ -197,6 +200,8 @@ class _Job:
             "sed_label.job_fingerprint": self.fingerprint,
         }
         writers: dict[str, ShardWriter] = {}
+        breaker = ErrorBreaker(self.spec.error_breaker)
+        held: list[tuple[int, ShardWriter]] = []  # (rows seen when it may commit, shard) with watched failures
         self.progress.start(sum(self.shard_sizes[shard] for shard in pending), "images", "labelling")
         # No prefetching: Ray Data's iterator then held each block until the next one was done, so
         # a shard whose block was out waited on the job's next block (a slow or stalled read) to commit.
@@ -204,11 +209,26 @@ class _Job:
         batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         commits: list[Future] = []
         with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as committer:
+
+            def commit(writer: ShardWriter) -> None:
+                commits.append(committer.submit(self._commit, writer))
+
             try:
                 for batch in batches:
-                    self._write(batch, writers, metadata, committer, commits)
+                    breaker.observe(batch)
+                    for writer in self._complete_shards(batch, writers, metadata):
+                        if breaker.enabled and any(is_watched(reason) for reason in writer.errors_by_reason()):
+                            held.append((breaker.rows_seen + breaker.settings.window, writer))
+                        else:
+                            commit(writer)
+                    self._stop_if_tripped(breaker.tripped(), held, writers)
+                    while held and held[0][0] <= breaker.rows_seen:
+                        commit(held.pop(0)[1])
                     self.progress.advance(batch.num_rows)
                     _raise_failed(commits)
+                self._stop_if_tripped(breaker.tripped(final=True), held, writers)
+                for _, writer in held:
+                    commit(writer)
             finally:
                 # On an error, stop the dataset's reads and actors now rather than when it is collected.
                 close = getattr(batches, "close", None)
@@ -219,10 +239,9 @@ class _Job:
             missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
             raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
 
-    def _write(
-        self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str], committer: ThreadPoolExecutor, commits: list[Future]
-    ) -> None:
-        """Hand a batch's rows to their shards' writers; a complete shard is committed by `committer`."""
+    def _complete_shards(self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str]) -> list[ShardWriter]:
+        """Hand a batch's rows to their shards' writers; return the writers of the shards now complete."""
+        complete = []
         for shard in pc.unique(batch.column("shard_id")).to_pylist():
             writer = writers.get(shard)
             if writer is None:
@@ -231,8 +250,17 @@ class _Job:
                 )
             writer.add(batch.filter(pc.equal(batch.column("shard_id"), shard)))
             if writer.complete:
-                del writers[shard]
-                commits.append(committer.submit(self._commit, writer))
+                complete.append(writers.pop(shard))
+        return complete
+
+    def _stop_if_tripped(self, why: str | None, held: list[tuple[int, ShardWriter]], writers: dict[str, ShardWriter]) -> None:
+        if why is None:
+            return
+        raise ErrorRateExceeded(
+            f"job stopped: {why}. {len(held) + len(writers)} shards in progress were left uncommitted, among them "
+            f"every shard with such failures in the last {self.spec.error_breaker.window} images: once the cause is "
+            "fixed, a rerun labels their images (error_breaker: null would commit such failures as error rows instead)"
+        )
 
     def _commit(self, writer: ShardWriter) -> None:
         stats = writer.commit()
@@ -253,10 +281,8 @@ def _errors_by_reason(store: JobOutput, markers: dict[str, dict[str, Any]]) -> d
     for marker in markers.values():
         counts = marker.get("errors_by_reason")
         if counts is None and marker["errors"]:  # committed by a version that did not count them
-            errors = store.read_labels(marker, columns=["error"]).column("error").drop_null().to_pylist()
-            counts = {}
-            for message in errors:
-                counts[message.split(":", 1)[0]] = counts.get(message.split(":", 1)[0], 0) + 1
+            errors = store.read_labels(marker, columns=["status", "error"])
+            counts = Counter(error_reason(e) for e in errors.filter(pc.not_equal(errors.column("status"), STATUS_OK)).column("error").to_pylist())
         for reason, count in (counts or {}).items():
             reasons[reason] = reasons.get(reason, 0) + count
     return dict(sorted(reasons.items(), key=lambda item: -item[1]))

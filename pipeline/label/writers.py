@@ -11,6 +11,7 @@ requests whatever the shard's size.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import LABELS_SCHEMA, STATUS_OK
+from schemas import LABELS_SCHEMA, STATUS_OK, error_reason
 
 from .coco import shard_document
 from .commit import COCO_DIR, LABELS_DIR, JobOutput
@@ -55,6 +56,14 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.rows == self.expected_rows
 
+    def errors_by_reason(self) -> dict[str, int]:
+        """The shard's error rows counted by reason (`schemas.error_reason`)."""
+        reasons: Counter[str] = Counter()
+        for table in self.tables:
+            failed = table.filter(pc.not_equal(table.column("status"), STATUS_OK))
+            reasons.update(error_reason(error) for error in failed.column("error").to_pylist())
+        return dict(reasons)
+
     def commit(self) -> dict[str, Any]:
         """Write the shard's files, then the marker; returns the shard's statistics (the marker's content)."""
         table = pa.concat_tables(self.tables)
@@ -63,16 +72,13 @@ class ShardWriter:
         if "coco" in self.formats:
             files.append(self._write_coco(table))
         files.extend(name for name in table.column("png_file").to_pylist() if name is not None)
-        failed = table.filter(pc.not_equal(table.column("status"), STATUS_OK)).column("error").to_pylist()
-        reasons: dict[str, int] = {}
-        for error in failed:
-            reason = (error or "unknown").split(":", 1)[0]
-            reasons[reason] = reasons.get(reason, 0) + 1
+        reasons = self.errors_by_reason()
+        errors = sum(reasons.values())
         stats = {
             "shard_id": self.shard_id,
             "images": table.num_rows,
-            "ok": table.num_rows - len(failed),
-            "errors": len(failed),
+            "ok": table.num_rows - errors,
+            "errors": errors,
             "errors_by_reason": reasons,
             "files": files,
             "seconds": round(time.monotonic() - self.started, 3),

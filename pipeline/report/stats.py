@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas import STATUS_OK
+from schemas import STATUS_OK, error_reason
 
 HISTOGRAM_BINS = 20
 
@@ -55,8 +55,7 @@ class LabelStatistics:
     def add_row(self, row: dict[str, Any]) -> None:
         self.images += 1
         if row["status"] != STATUS_OK:
-            reason = (row["error"] or "unknown").split(":", 1)[0]
-            self.errors_by_reason[reason] += 1
+            self.errors_by_reason[error_reason(row["error"])] += 1
             if len(self.error_examples) < 20:
                 self.error_examples.append({"image_id": row["image_id"], "error": row["error"] or ""})
             return

@@ -21,10 +21,17 @@ def local_ray(request):
 
     Per module, not per session: no Ray of ours runs while the submission test starts a head, and
     none is left to shut down at interpreter exit. Its logical CPUs: the module's `RAY_CPUS`, else
-    2 (the CI machine's cores).
+    2 (the CI machine's cores); its workers' runtime environment: the module's `RAY_RUNTIME_ENV`.
     """
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=getattr(request.module, "RAY_CPUS", 2),
+            runtime_env=getattr(request.module, "RAY_RUNTIME_ENV", None),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield
     ray.shutdown()
 

@@ -130,7 +130,7 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 
 
 def _deny(client: socket.socket) -> None:
-    """Read one request, answer 403, close.
+    """Read one request, answer 403 (with S3's error body, except to HEAD), close.
 
     As S3 does: a request sent with `Expect: 100-continue` (botocore's uploads) is answered after
     its head, since its client sends the body only on "100 Continue" and would wait for it; other
@@ -154,7 +154,8 @@ def _deny(client: socket.socket) -> None:
             if not chunk:
                 break
             body += chunk
-        client.sendall(DENIED % (len(DENIED_BODY), DENIED_BODY))
+        # An answer to HEAD has no body (its Content-Length is the body GET would get).
+        client.sendall(DENIED % (len(DENIED_BODY), b"" if head.startswith(b"HEAD ") else DENIED_BODY))
         # A lingering close: closing with unread request bytes would reset the connection and
         # could destroy the answer before the client reads it.
         client.shutdown(socket.SHUT_WR)

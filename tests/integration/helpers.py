@@ -105,8 +105,11 @@ def tiny_job(reference: dict, input_url: str, output_url: str, **overrides: obje
         "ray": {"num_actors": 1},
     }
     for path, value in overrides.items():
-        section, key = path.split("__")
-        spec[section][key] = value
+        if "__" in path:
+            section, key = path.split("__")
+            spec[section][key] = value
+        else:  # a whole section (`error_breaker=None`)
+            spec[path] = value
     return JobSpec.model_validate(spec)
 
 

@@ -176,22 +176,28 @@ def test_refused_and_stalled_storage_is_retried_and_the_job_completes(s3_job, un
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undisturbed, s3_server):
+def test_denied_output_stops_the_job_and_committed_shards_stay(s3_job, undisturbed, s3_server):
+    """Writes denied: the next commit fails and the job stops at once. (Denied input reads are
+    the error breaker's: `test_error_breaker.py`.)"""
     spec, proxy, direct, bucket = s3_job
     inputs, expected = undisturbed
-    proxy.hold(HELD_IMAGE)  # the job cannot finish before access is denied
+    endpoint = s3_server["client_kwargs"]["endpoint_url"]
+    output_proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]))
+    output_options = {**s3_server, "client_kwargs": {"endpoint_url": output_proxy.endpoint}}
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"storage_options": output_options})})
+    proxy.hold(HELD_IMAGE)  # the held image's shard commits after access is denied
     thread, outcome = run_in_thread(run_job, spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
-    proxy.set("deny")
+    output_proxy.set("deny")
+    proxy.release()
     thread.join(timeout=300)
+    output_proxy.set("pass")
     assert not thread.is_alive(), "the job did not stop within 300 s of access being denied"
     error = outcome.get("error")
     assert isinstance(error, StorageError), outcome
     assert "AccessDenied" in str(error) or "Access Denied" in str(error) or "PermissionError" in str(error), error
     assert f"s3://{bucket}/out/" in str(error)  # names what could not be written
 
-    proxy.set("pass")
-    proxy.release()
     store = JobOutput(spec.output.url, s3_server)
     committed = store.committed_shards()
     assert 1 <= len(committed) < len(inputs)
@@ -199,6 +205,7 @@ def test_denied_storage_stops_the_job_and_committed_shards_stay(s3_job, undistur
     assert kept and all(kept[image] == expected[image] for image in kept)  # committed shards intact
 
     summary = run_job(spec)  # access restored: the rerun finishes the job
+    output_proxy.close()
     assert summary.shards_done_before == len(committed)
     rows = read_rows(store)
     assert len(rows) == len(inputs) and comparable(rows) == expected
