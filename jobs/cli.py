@@ -23,6 +23,7 @@ from pipeline.process import prepare_process
 from pipeline.report import REPORT_HTML, ReportError, build_report
 from pipeline.sources import InputError
 from pipeline.storage import StorageError
+from pipeline.taxonomy import Taxonomy
 from pipeline.train import TrainDataError, run_training, training_inputs
 from schemas import ModelSpec, RaySpec
 
@@ -139,7 +140,27 @@ def validate(job: Path = typer.Argument(..., help="job spec or training spec (YA
             taxonomy = preflight(spec)
         except Exception as exc:
             _fail(current, exc)
-        typer.echo(f"{job}: valid ({len(taxonomy.classes)} classes, model {json.dumps(spec.model.clip_model)[:60]})")
+        typer.echo(f"{job}: valid ({_taxonomy_summary(taxonomy)}, model {json.dumps(spec.model.clip_model)[:60]})")
+        for line in _taxonomy_structure(taxonomy):
+            typer.echo(line)
+
+
+def _taxonomy_summary(taxonomy: Taxonomy) -> str:
+    if taxonomy.is_flat:
+        return f"{len(taxonomy.classes)} classes"
+    return f"{len(taxonomy.classes)} classes from {len(taxonomy.prompts) - len(taxonomy.distractors)} prompts, {len(taxonomy.distractors)} distractors"
+
+
+def _taxonomy_structure(taxonomy: Taxonomy) -> list[str]:
+    """The classes with several prompts, and the distractors: what the model scores apart."""
+    lines = []
+    for index, name in enumerate(taxonomy.classes):
+        prompts = taxonomy.class_prompts(index)
+        if prompts != (name,):
+            lines.append(f"  class {index} {name!r}: prompts {', '.join(repr(p) for p in prompts)}")
+    if taxonomy.distractors:
+        lines.append(f"  distractors (unlabeled): {', '.join(repr(p) for p in taxonomy.distractors)}")
+    return lines
 
 
 @app.command()

@@ -7,6 +7,7 @@ job and handed in (Ray resolves the object reference), never recomputed per acto
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,9 @@ from schemas import INFERENCE_FAILED, OUT_OF_MEMORY, STATUS_ERROR, STATUS_OK, In
 
 from .model_loading import load_model, resolve_device
 from .process import prepare_process
+from .taxonomy import Taxonomy
 
-UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence)
+UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence, or a distractor)
 
 
 def inference_error_message(exc: Exception) -> str:
@@ -33,8 +35,7 @@ class SEDInference:
         self,
         model: dict[str, Any],
         inference: dict[str, Any],
-        classes: list[str],
-        templates: list[str],
+        taxonomy: Taxonomy,
         text_features: np.ndarray | Callable[[], np.ndarray],
         checkpoint_hash: str,
     ) -> None:
@@ -55,25 +56,31 @@ class SEDInference:
             max_size=self.settings.max_size,
             precision=self.settings.precision,
         )
-        self.num_classes = len(classes)
+        self.taxonomy = taxonomy
+        self.num_classes = len(taxonomy.classes)
+        # The prompts of each output class that has several: the row names the one that won most pixels.
+        self.group_prompts = {c: [i for i, k in enumerate(taxonomy.prompt_class) if k == c] for c in range(self.num_classes)}
+        self.group_prompts = {c: prompts for c, prompts in self.group_prompts.items() if len(prompts) > 1}
         if callable(text_features):  # fetched once per actor from wherever the executor keeps it
             text_features = text_features()
-        self.predictor.set_taxonomy(classes, templates, text_features=torch.as_tensor(np.asarray(text_features)))
+        self.predictor.set_taxonomy(list(taxonomy.prompts), list(taxonomy.templates), text_features=torch.as_tensor(np.asarray(text_features)))
         model_.drop_text_tower()  # the job computed the text embeddings once; actors never need the tower
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_index"])
         status, error = batch["status"].copy(), batch["error"].copy()
         label_maps = np.empty(n, dtype=object)
-        class_ids, mean_probs, max_probs, kept = (np.empty(n, dtype=object) for _ in range(4))
-        unlabeled = np.zeros(n, dtype=np.int64)
+        class_ids, mean_probs, max_probs, kept, top_prompts = (np.empty(n, dtype=object) for _ in range(5))
+        unlabeled, distractor = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
         for i, result in zip(ok, results):
             if isinstance(result, Exception):
                 status[i], error[i] = STATUS_ERROR, inference_error_message(result)
                 continue
-            label_maps[i], class_ids[i], mean_probs[i], max_probs[i], unlabeled[i] = self._summarise(result)
+            summary = self._summarise(result)
+            label_maps[i], class_ids[i], mean_probs[i], max_probs[i], prompts, unlabeled[i], distractor[i] = summary
+            top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
             kept[i] = result.kept.cpu().numpy().astype(np.int32)
         for i in range(n):
             if status[i] != STATUS_OK:
@@ -81,6 +88,7 @@ class SEDInference:
                 class_ids[i] = np.zeros(0, np.int32)
                 mean_probs[i] = max_probs[i] = np.zeros(0, np.float32)
                 kept[i] = np.zeros(0, np.int32)
+                top_prompts[i] = "[]"
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(
             status=status,
@@ -89,8 +97,10 @@ class SEDInference:
             class_ids=class_ids,
             mean_probs=mean_probs,
             max_probs=max_probs,
+            top_prompts=top_prompts,
             kept_classes=kept,
             unlabeled_area=unlabeled,
+            distractor_area=distractor,
         )
         return out
 
@@ -109,10 +119,17 @@ class SEDInference:
                     results.append(exc)
             return results
 
-    def _summarise(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        labels = labeling.labels
+    def _summarise(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None], int, int]:
+        """A labelling in prompts -> its label map and statistics in output classes.
+
+        A pixel's class is its best prompt's class (a group's probability is the maximum over its
+        prompts'); pixels won by a distractor, and those below `min_confidence`, are unlabeled and
+        counted apart."""
+        prompt_labels = labeling.labels
+        labels = self.taxonomy.output_labels(prompt_labels, unlabeled=self.num_classes)
         confidence = labeling.confidence
-        confident = confidence >= self.settings.min_confidence
+        won_by_distractor = labels == self.num_classes
+        confident = (confidence >= self.settings.min_confidence) & ~won_by_distractor
         flat_labels = labels[confident]
         flat_conf = confidence[confident].float()
         counts = torch.bincount(flat_labels, minlength=self.num_classes)
@@ -121,10 +138,20 @@ class SEDInference:
         sums.index_add_(0, flat_labels, flat_conf.double())
         maxima = torch.zeros(self.num_classes, device=labels.device).scatter_reduce(0, flat_labels, flat_conf, "amax")
         label_map = torch.where(confident, labels, torch.full_like(labels, int(UNLABELED))).to(torch.int32)
+        present_ids = present.cpu().numpy().astype(np.int32)
+        top_prompts: list[str | None] = [None] * len(present_ids)
+        if self.group_prompts:
+            prompt_counts = torch.bincount(prompt_labels[confident], minlength=len(self.taxonomy.prompts)).cpu()
+            for k, class_id in enumerate(present_ids):
+                members = self.group_prompts.get(int(class_id))
+                if members:
+                    top_prompts[k] = self.taxonomy.prompts[members[int(prompt_counts[members].argmax())]]
         return (
             label_map.cpu().numpy().astype(np.uint16),
-            present.cpu().numpy().astype(np.int32),
+            present_ids,
             (sums[present] / counts[present]).cpu().numpy().astype(np.float32),
             maxima[present].cpu().numpy().astype(np.float32),
-            int((~confident).sum()),
+            top_prompts,
+            int((~confident & ~won_by_distractor).sum()),
+            int(won_by_distractor.sum()),
         )

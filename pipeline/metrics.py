@@ -29,15 +29,14 @@ Semantics = Literal["detectron2", "legacy"]
 
 
 class SemSegEvaluator:
-    """`merge_predictions_from`: predicted classes from this index on count as this index (VOC-20b:
-    every prompt past the 20 VOC classes is background)."""
+    """A confusion matrix of predicted and ground-truth label maps; predictions outside the classes
+    (unlabeled pixels) count as misses."""
 
     def __init__(
         self,
         class_names: Sequence[str],
         ignore_label: int = 255,
         semantics: Semantics = "detectron2",
-        merge_predictions_from: int | None = None,
     ) -> None:
         if semantics not in ("detectron2", "legacy"):
             raise ValueError(f"semantics must be 'detectron2' or 'legacy', got {semantics!r}")
@@ -45,7 +44,6 @@ class SemSegEvaluator:
         self.num_classes = len(self.class_names)
         self.ignore_label = ignore_label
         self.semantics = semantics
-        self.merge_predictions_from = merge_predictions_from
         self.reset()
 
     def reset(self) -> None:
@@ -64,8 +62,6 @@ class SemSegEvaluator:
             raise ValueError(
                 f"ground truth is {_size(ground_truth.shape)}, its image {_size(prediction.shape)} (width x height)"
             )
-        if self.merge_predictions_from is not None:
-            prediction = np.minimum(prediction, self.merge_predictions_from)
         prediction, ground_truth = prediction.ravel(), ground_truth.ravel()
         n = self.num_classes
         gt = np.where(ground_truth == self.ignore_label, n, ground_truth)

@@ -29,6 +29,7 @@ from .preflight import PreflightError
 from .process import prepare_process
 from .read import read_and_decode
 from .sources import inline_process_local_bytes
+from .taxonomy import Taxonomy
 
 DECODE_BATCH_ROWS = 8  # images decoded per batch: what a read task holds in pixels at once
 READ_TASK_MAX_ROWS = 64  # plan rows per read task, at most: fewer tasks keep the driver's memory flat
@@ -127,15 +128,15 @@ def model_stage(
     images: ray.data.Dataset,
     model: ModelSpec,
     inference: InferenceSpec,
-    classes: list[str],
-    templates: list[str],
+    taxonomy: Taxonomy,
     text_features: np.ndarray,
     checkpoint_hash: str,
     ray_spec: RaySpec,
 ) -> ray.data.Dataset:
-    """Decoded images -> label maps and per-class statistics, by SED on an actor pool.
+    """Decoded images -> label maps and per-class statistics in the taxonomy's output classes, by
+    SED (scoring its prompts) on an actor pool.
 
-    The text embeddings go to the object store once; each actor fetches them when it starts.
+    The prompts' text embeddings go to the object store once; each actor fetches them when it starts.
     """
     text_ref = ray.put(text_features)
     return images.map_batches(
@@ -143,8 +144,7 @@ def model_stage(
         fn_constructor_kwargs={
             "model": model.model_dump(mode="json"),
             "inference": inference.model_dump(mode="json"),
-            "classes": classes,
-            "templates": templates,
+            "taxonomy": taxonomy,
             "text_features": functools.partial(ray.get, text_ref),
             "checkpoint_hash": checkpoint_hash,
         },
@@ -164,7 +164,8 @@ def _actor_pool(spec: RaySpec) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=spec.num_actors.min, max_size=spec.num_actors.max)
 
 
-def encode_taxonomy_once(model: ModelSpec, classes: list[str], templates: list[str]) -> tuple[np.ndarray, str]:
-    """The taxonomy's text embeddings `(T, P, D)` and the checkpoint hash, computed once (`encode_text_once`)."""
-    text_features, checkpoint_hash = encode_text_once(encode_taxonomy, model, classes, templates)
+def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy) -> tuple[np.ndarray, str]:
+    """The text embeddings `(T, P, D)` of the taxonomy's prompts and the checkpoint hash, computed
+    once (`encode_text_once`)."""
+    text_features, checkpoint_hash = encode_text_once(encode_taxonomy, model, list(taxonomy.prompts), list(taxonomy.templates))
     return text_features.numpy(), checkpoint_hash

@@ -1,28 +1,104 @@
-"""The job's taxonomy: class names from the spec or a file, templates, and their hash."""
+"""The job's taxonomy: output classes, the prompts the model scores for them, distractors, templates.
+
+The model sees prompts: every prompt is a class for it, with its own text embedding and its own
+early rejection. The outputs speak in output classes: a plain class is one prompt (", " synonyms
+are averaged in embedding space, as before); a group's probability at a pixel is the maximum over
+its prompts' probabilities, so a pixel's class is the class of its best prompt; a pixel whose best
+prompt is a distractor is unlabeled. `Taxonomy.output_labels` is that mapping.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
 
 import sed_model
-from schemas import TaxonomySpec
+from schemas import PromptGroup, TaxonomySpec
+from schemas.job import taxonomy_problem
 
 from .storage import StorageError, filesystem
+
+DISTRACTOR = -1  # `prompt_class` of a distractor prompt
 
 
 @dataclass(frozen=True)
 class Taxonomy:
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # output classes, in label order
     templates: tuple[str, ...]
+    prompts: tuple[str, ...] = ()  # what the model scores: the classes' prompts, then the distractors
+    prompt_class: tuple[int, ...] = ()  # per prompt: its output class, or DISTRACTOR
+
+    def __post_init__(self) -> None:
+        if not self.prompts:  # a flat taxonomy: each class is its own prompt
+            object.__setattr__(self, "prompts", self.classes)
+            object.__setattr__(self, "prompt_class", tuple(range(len(self.classes))))
+
+    @classmethod
+    def build(cls, classes: list[str | PromptGroup | dict[str, Any]], distractors: list[str], templates: tuple[str, ...]) -> Taxonomy:
+        problem = taxonomy_problem(classes, distractors)
+        if problem:
+            raise sed_model.TaxonomyError(f"taxonomy: {problem}")
+        names, prompts, prompt_class = [], [], []
+        for index, entry in enumerate(classes):
+            group = PromptGroup.model_validate(entry) if isinstance(entry, dict) else entry
+            name, members = (group.name, group.prompts) if isinstance(group, PromptGroup) else (group, [group])
+            names.append(name)
+            prompts.extend(members)
+            prompt_class.extend([index] * len(members))
+        prompts.extend(distractors)
+        prompt_class.extend([DISTRACTOR] * len(distractors))
+        sed_model.text.validate_taxonomy(prompts, templates)
+        return cls(tuple(names), tuple(templates), tuple(prompts), tuple(prompt_class))
+
+    @property
+    def is_flat(self) -> bool:
+        return self.prompts == self.classes
+
+    @property
+    def distractors(self) -> tuple[str, ...]:
+        return tuple(p for p, c in zip(self.prompts, self.prompt_class) if c == DISTRACTOR)
+
+    def class_prompts(self, index: int) -> tuple[str, ...]:
+        return tuple(p for p, c in zip(self.prompts, self.prompt_class) if c == index)
 
     @property
     def hash(self) -> str:
-        return sed_model.taxonomy_hash(self.classes, self.templates)
+        """What the labels' meaning depends on: for a flat taxonomy its classes and templates, as the
+        model's `taxonomy_hash`; with groups or distractors, the whole structure."""
+        if self.is_flat:
+            return sed_model.taxonomy_hash(self.classes, self.templates)
+        payload = json.dumps(
+            {"classes": self.classes, "prompts": self.prompts, "prompt_class": self.prompt_class, "templates": self.templates},
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def structure(self) -> dict[str, Any]:
+        """The taxonomy as a user wrote it (for job.json, reports and `sed-label validate`)."""
+        return {
+            "classes": [{"name": name, "prompts": list(self.class_prompts(i))} for i, name in enumerate(self.classes)],
+            "distractors": list(self.distractors),
+        }
+
+    def output_labels(self, prompt_labels: torch.Tensor, unlabeled: int) -> torch.Tensor:
+        """Per-pixel best-prompt indices -> output class indices (`unlabeled` where a distractor won)."""
+        if self.is_flat:
+            return prompt_labels
+        table = torch.tensor([unlabeled if c == DISTRACTOR else c for c in self.prompt_class], dtype=prompt_labels.dtype)
+        return table.to(prompt_labels.device)[prompt_labels]
+
+    def output_array(self, prompt_labels: np.ndarray, unlabeled: int) -> np.ndarray:
+        """`output_labels` for a numpy label map."""
+        return self.output_labels(torch.from_numpy(prompt_labels.astype(np.int64)), unlabeled).numpy()
 
 
 def load_taxonomy(spec: TaxonomySpec) -> Taxonomy:
-    """Resolve class names (inline, or a JSON list / text file at a path or URL) and templates."""
+    """Resolve the classes (inline, or a JSON list / text file at a path or URL), distractors and templates."""
     classes = spec.classes
     if isinstance(classes, str):
         url = classes
@@ -36,10 +112,13 @@ def load_taxonomy(spec: TaxonomySpec) -> Taxonomy:
                 classes = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise sed_model.TaxonomyError(f"taxonomy.classes {url!r} is not valid JSON: {exc}") from exc
-            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-                raise sed_model.TaxonomyError(f"taxonomy.classes {url!r} must hold a JSON list of strings")
+            if not isinstance(classes, list) or not all(isinstance(c, (str, dict)) for c in classes):
+                raise sed_model.TaxonomyError(f"taxonomy.classes {url!r} must hold a JSON list of names or {{name, prompts}} groups")
+            try:
+                classes = [c if isinstance(c, str) else PromptGroup.model_validate(c) for c in classes]
+            except ValueError as exc:
+                raise sed_model.TaxonomyError(f"taxonomy.classes {url!r}: {exc}") from exc
         else:
             classes = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     templates = sed_model.IMAGENET_TEMPLATES if spec.templates == "imagenet" else tuple(spec.templates)
-    sed_model.text.validate_taxonomy(classes, templates)
-    return Taxonomy(tuple(classes), tuple(templates))
+    return Taxonomy.build(list(classes), list(spec.distractors), tuple(templates))

@@ -29,23 +29,83 @@ class InputSpec(_Spec):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are error rows (decompression bombs)")
 
 
+class PromptGroup(_Spec):
+    name: str = Field(description="the output class")
+    prompts: list[str] = Field(description="prompts the model scores apart (each its own class for the model); the class's probability is their maximum")
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a group's name must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> "PromptGroup":
+        if not self.prompts:
+            raise ValueError(f"group {self.name!r} has no prompts")
+        return self
+
+
+def taxonomy_problem(classes: list[str | PromptGroup | dict], distractors: list[str]) -> str | None:
+    """What is wrong with a taxonomy's structure (an empty list, a repeated class name, a prompt used
+    twice, an empty prompt), or None."""
+    if not classes:
+        return "the taxonomy needs at least one class"
+    names: set[str] = set()
+    owners: dict[str, str] = {}  # prompt -> where it is used
+    for entry in classes:
+        group = PromptGroup.model_validate(entry) if isinstance(entry, dict) else entry
+        name, prompts = (group.name, group.prompts) if isinstance(group, PromptGroup) else (group, [group])
+        if name in names:
+            return f"duplicate class name {name!r}"
+        names.add(name)
+        for prompt in prompts:
+            where = f"class {name!r}"
+            problem = _prompt_problem(prompt, where, owners)
+            if problem:
+                return problem
+    for prompt in distractors:
+        problem = _prompt_problem(prompt, "the distractors", owners)
+        if problem:
+            return problem
+    return None
+
+
+def _prompt_problem(prompt: str, where: str, owners: dict[str, str]) -> str | None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"an empty prompt in {where}"
+    if prompt in owners:
+        return f"prompt {prompt!r} appears twice: in {owners[prompt]} and in {where}"
+    owners[prompt] = where
+    return None
+
+
 class TaxonomySpec(_Spec):
-    classes: list[str] | str = Field(description="class names (', ' separates synonyms), or a path/URL to a JSON list or a text file, one per line")
+    classes: list[str | PromptGroup] | str = Field(
+        description="output classes in label order: a name (', ' separates synonyms, averaged), or {name, prompts} for a "
+        "group of prompts that form one class; or a path/URL to a JSON list of those or a text file, one name per line"
+    )
+    distractors: list[str] = Field(
+        default_factory=list, description="prompts the model scores like classes whose pixels become unlabeled (counted in distractor_area)"
+    )
     templates: Literal["imagenet"] | list[str] = Field("imagenet", description="'imagenet' (the paper's 80 templates) or strings containing {}")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("classes")
     @classmethod
-    def _classes_not_empty(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("the taxonomy needs at least one class")
-            duplicates = sorted({name for name in value if value.count(name) > 1})
-            if duplicates:
-                raise ValueError(f"duplicate class names: {duplicates}")
-        elif not value.strip():
+    def _classes_not_empty(cls, value: list[str | PromptGroup] | str) -> list[str | PromptGroup] | str:
+        if isinstance(value, str) and not value.strip():
             raise ValueError("empty path/URL")
         return value
+
+    @model_validator(mode="after")
+    def _structure(self) -> "TaxonomySpec":
+        if isinstance(self.classes, list):
+            problem = taxonomy_problem(self.classes, self.distractors)
+            if problem:
+                raise ValueError(problem)
+        return self
 
     @field_validator("templates")
     @classmethod

@@ -8,9 +8,10 @@ reader for the previous version (see `read_labels_table`).
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-LABELS_SCHEMA_VERSION = 1
+LABELS_SCHEMA_VERSION = 2
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -38,6 +39,7 @@ CLASS_LABEL = pa.struct(
         pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # COCO [x, y, width, height]
         pa.field("mean_prob", pa.float32(), nullable=False),  # over the class's pixels
         pa.field("max_prob", pa.float32(), nullable=False),
+        pa.field("top_prompt", pa.string()),  # a group's prompt that won most of its pixels; null for one-prompt classes
     ]
 )
 
@@ -54,6 +56,7 @@ LABELS_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("labels", pa.list_(CLASS_LABEL)),  # one entry per class present
         pa.field("unlabeled_area", pa.int64()),  # pixels below min_confidence
+        pa.field("distractor_area", pa.int64()),  # pixels whose best prompt is a distractor (unlabeled too)
         pa.field("kept_classes", pa.list_(pa.int32())),  # classes kept by early rejection
         pa.field("taxonomy_hash", pa.string(), nullable=False),
         pa.field("checkpoint_hash", pa.string(), nullable=False),
@@ -64,13 +67,39 @@ LABELS_SCHEMA = pa.schema(
 
 
 def read_labels_table(table: pa.Table) -> pa.Table:
-    """Check a Parquet table against the schema versions this code reads; return it as the current one."""
+    """Check a Parquet table against the schema versions this code reads; return it as the current one.
+
+    Version 1 (before taxonomy groups and distractors) gains `distractor_area` = 0 (it had no
+    distractors) and a null `top_prompt` per class label (its classes were single prompts)."""
     version = (table.schema.metadata or {}).get(b"sed_label.schema_version")
     if version is None:
         raise ValueError("not a sed-label labels table: no sed_label.schema_version in its metadata")
+    if int(version) == 1:
+        return _upgrade_version_1(table)
     if int(version) != LABELS_SCHEMA_VERSION:
-        raise ValueError(f"labels schema version {int(version)} is not readable by this version ({LABELS_SCHEMA_VERSION})")
+        raise ValueError(f"labels schema version {int(version)} is not readable by this version (1 to {LABELS_SCHEMA_VERSION})")
     return table
+
+
+def _upgrade_version_1(table: pa.Table) -> pa.Table:
+    metadata = {**table.schema.metadata, b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
+    if "labels" in table.column_names:
+        labels = table.column("labels").combine_chunks()
+        entries = labels.flatten()
+        upgraded = pa.StructArray.from_arrays(
+            [entries.field(name) for name in entries.type.names] + [pa.nulls(len(entries), pa.string())],
+            fields=[*entries.type, CLASS_LABEL.field("top_prompt")],
+        )
+        lists = pa.ListArray.from_arrays(labels.offsets, upgraded, type=pa.list_(CLASS_LABEL), mask=labels.is_null())
+        table = table.set_column(table.column_names.index("labels"), LABELS_SCHEMA.field("labels"), lists)
+    if "unlabeled_area" in table.column_names:
+        unlabeled = table.column("unlabeled_area")
+        distractor = pa.compute.if_else(pa.compute.is_null(unlabeled), pa.scalar(None, pa.int64()), pa.scalar(0, pa.int64()))
+        table = table.add_column(table.column_names.index("unlabeled_area") + 1, LABELS_SCHEMA.field("distractor_area"), distractor)
+    if "schema_version" in table.column_names:
+        versions = pa.array([LABELS_SCHEMA_VERSION] * table.num_rows, pa.int16())
+        table = table.set_column(table.column_names.index("schema_version"), LABELS_SCHEMA.field("schema_version"), versions)
+    return table.replace_schema_metadata(metadata)
 
 
 def read_labels_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:

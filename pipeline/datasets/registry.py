@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import sed_model
+from schemas import PromptGroup
+
+from ..taxonomy import Taxonomy
+
 EXACT = None  # top-k of the paper's main rows: no early rejection
 FAST = 8  # top-k of the paper's "fast" rows
 
@@ -31,8 +36,8 @@ class DatasetSpec:
     raw_layout: str  # what RAW_ROOT must hold, for the README and error messages
     splits: tuple[str, ...] = ("val",)  # the first is the default (the evaluation split)
     training_split: str | None = None  # the split to train on, if the benchmark has one
-    # VOC-20b: predictions with an index >= this merge into that class ("background").
-    merge_predictions_from: int | None = None
+    # VOC-20b: the prompts from this index on form one class, "background" (a prompt group).
+    background_prompts_from: int | None = None
     # mIoU claimed by the paper (Table 1), keyed by (model preset, top-k).
     claimed_miou: dict[tuple[str, int | None], float] = field(default_factory=dict)
 
@@ -44,12 +49,15 @@ class DatasetSpec:
         """The class names the model is prompted with (verbatim)."""
         return json.loads(read_data_file("class_lists", self.class_list))
 
-    def evaluated_classes(self) -> list[str]:
-        """The classes the confusion matrix counts (VOC-20b: the 20 VOC classes and background)."""
+    def taxonomy(self) -> Taxonomy:
+        """The benchmark's taxonomy with the paper's templates: one class per prompt, except VOC-20b,
+        whose 39 PASCAL-Context prompts form the class "background" (its ground truth's class 20)."""
         prompts = self.prompts()
-        if self.merge_predictions_from is None:
-            return prompts
-        return prompts[: self.merge_predictions_from] + ["background"]
+        classes: list[str | PromptGroup] = list(prompts)
+        if self.background_prompts_from is not None:
+            start = self.background_prompts_from
+            classes = [*prompts[:start], PromptGroup(name="background", prompts=prompts[start:])]
+        return Taxonomy.build(classes, [], tuple(sed_model.IMAGENET_TEMPLATES))
 
     def claimed(self, model: str | dict[str, Any], top_k: int | None) -> float | None:
         return self.claimed_miou.get((model, top_k)) if isinstance(model, str) else None
@@ -95,7 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "voc20b", "VOC-20b", "voc20b.json", 255, "uint8", "voc_with_background", _VOC_LAYOUT,
-            merge_predictions_from=20,
+            background_prompts_from=20,
         ),
         DatasetSpec(
             "coco-stuff-171", "COCO-Stuff-171", "coco.json", 255, "uint8", "coco_stuff",

@@ -121,21 +121,19 @@ def _evaluate(
     progress: Progress,
 ) -> tuple[SemSegEvaluator, list[dict[str, str]], str]:
     spec = dataset.spec
-    prompts = spec.prompts()
-    templates = list(sed_model.IMAGENET_TEMPLATES)
-    text_features, checkpoint_hash = encode_taxonomy_once(settings.model, prompts, templates)
-    classes = spec.evaluated_classes()
+    taxonomy = spec.taxonomy()
+    text_features, checkpoint_hash = encode_taxonomy_once(settings.model, taxonomy)
+    classes = list(taxonomy.classes)
     source = InputSpec(url=settings.root, storage_options=settings.storage_options)
     plan = plan_shards([ImageRef(item.image_id, KIND_FILE, item.image_url) for item in items], shard_size=len(items))
     ds = read_stage(plan, source)
-    ds = model_stage(ds, settings.model, inference, prompts, templates, text_features, checkpoint_hash, settings.ray)
+    ds = model_stage(ds, settings.model, inference, taxonomy, text_features, checkpoint_hash, settings.ray)
     ds = ds.map_batches(
         score_labels,
         fn_kwargs={
             "label_urls": [item.label_url for item in items],
             "classes": classes,
             "ignore_label": spec.ignore_label,
-            "merge_predictions_from": spec.merge_predictions_from,
             "storage_options": settings.storage_options,
         },
         batch_format="numpy",

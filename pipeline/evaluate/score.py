@@ -21,7 +21,6 @@ def score_labels(
     label_urls: list[str],
     classes: list[str],
     ignore_label: int,
-    merge_predictions_from: int | None,
     storage_options: dict[str, Any],
 ) -> dict[str, np.ndarray]:
     """Rows of `SEDInference` -> `confusion_index` / `confusion_count` (flat indices into the
@@ -34,7 +33,7 @@ def score_labels(
         if status[i] != STATUS_OK:
             continue
         url = label_urls[int(batch["image_index"][i])]
-        evaluator = SemSegEvaluator(classes, ignore_label=ignore_label, merge_predictions_from=merge_predictions_from)
+        evaluator = SemSegEvaluator(classes, ignore_label=ignore_label)
         try:
             evaluator.process(batch["label_map"][i], read_label_map(url, storage_options))
         except (DatasetError, OSError) as exc:

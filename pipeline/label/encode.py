@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import re
 from typing import Any
 
@@ -83,8 +84,9 @@ def encode_labels(
             continue
         label_map = batch["label_map"][i]
         entries = []
-        for class_id, mean_prob, max_prob in zip(batch["class_ids"][i], batch["mean_probs"][i], batch["max_probs"][i]):
-            entry = {"class_id": int(class_id), "mean_prob": float(mean_prob), "max_prob": float(max_prob)}
+        statistics = zip(batch["class_ids"][i], batch["mean_probs"][i], batch["max_probs"][i], json.loads(batch["top_prompts"][i]))
+        for class_id, mean_prob, max_prob, top_prompt in statistics:
+            entry = {"class_id": int(class_id), "mean_prob": float(mean_prob), "max_prob": float(max_prob), "top_prompt": top_prompt}
             entry.update(encode_mask(label_map == class_id))
             entries.append(entry)
         labels.append(entries)
@@ -106,6 +108,7 @@ def encode_labels(
         "height": [int(h) if k else None for h, k in zip(batch["height"], ok)],
         "labels": labels,
         "unlabeled_area": [int(u) if k else None for u, k in zip(batch["unlabeled_area"], ok)],
+        "distractor_area": [int(d) if k else None for d, k in zip(batch["distractor_area"], ok)],
         "kept_classes": [batch["kept_classes"][i].tolist() if ok[i] else None for i in range(n)],
         "taxonomy_hash": [taxonomy_hash] * n,
         "checkpoint_hash": [checkpoint_hash] * n,

@@ -96,6 +96,7 @@ def prepare_output(
                 "fingerprint": fingerprint,
                 "spec": redact(spec.model_dump(mode="json")),
                 "classes": list(taxonomy.classes),
+                "taxonomy": taxonomy.structure(),
                 "taxonomy_hash": taxonomy.hash,
                 "checkpoint_hash": checkpoint_hash,
                 "labels_schema_version": LABELS_SCHEMA_VERSION,
@@ -117,7 +118,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = 
     taxonomy = load_taxonomy(spec.taxonomy)
     owns_ray = connect_ray(spec.ray)
     try:
-        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, list(taxonomy.classes), list(taxonomy.templates))
+        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, taxonomy)
         store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite, progress)
         counts = pc.value_counts(plan.column("shard_id"))
         shard_sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
@@ -178,8 +179,7 @@ class _Job:
     def dataset(self, text_features: np.ndarray, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
         spec = self.spec
         ds = read_stage(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
-        classes, templates = list(self.taxonomy.classes), list(self.taxonomy.templates)
-        ds = model_stage(ds, spec.model, spec.inference, classes, templates, text_features, self.checkpoint_hash, spec.ray)
+        ds = model_stage(ds, spec.model, spec.inference, self.taxonomy, text_features, self.checkpoint_hash, spec.ray)
         return ds.map_batches(
             encode_labels,
             fn_kwargs={

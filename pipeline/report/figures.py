@@ -35,7 +35,7 @@ def _data_uri(figure: plt.Figure) -> str:
 
 
 def class_share_chart(stats: LabelStatistics, top: int = 30) -> str:
-    share = stats.class_pixels / max(stats.class_pixels.sum() + stats.unlabeled_pixels, 1)
+    share = stats.class_pixels / max(stats.class_pixels.sum() + stats.unlabeled_pixels + stats.distractor_pixels, 1)
     order = np.argsort(share)[::-1][:top]
     figure, axis = plt.subplots(figsize=(8, 0.25 * len(order) + 1))
     axis.barh([stats.classes[i] for i in order][::-1], share[order][::-1] * 100, color="#4c78a8")

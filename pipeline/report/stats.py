@@ -39,6 +39,7 @@ class LabelStatistics:
     error_examples: list[dict[str, str]] = field(default_factory=list)
     total_pixels: int = 0
     unlabeled_pixels: int = 0
+    distractor_pixels: int = 0
     _per_minute: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,7 @@ class LabelStatistics:
         pixels = row["width"] * row["height"]
         self.total_pixels += pixels
         self.unlabeled_pixels += row["unlabeled_area"] or 0
+        self.distractor_pixels += row.get("distractor_area") or 0
         weighted = 0.0
         labelled = 0
         for label in row["labels"]:
@@ -106,7 +108,7 @@ class LabelStatistics:
         return [(minute - first, self._per_minute[minute]) for minute in range(first, max(self._per_minute) + 1)]
 
     def to_dict(self) -> dict[str, Any]:
-        labelled = max(int(self.class_pixels.sum()) + self.unlabeled_pixels, 1)
+        labelled = max(int(self.class_pixels.sum()) + self.unlabeled_pixels + self.distractor_pixels, 1)
         return {
             "images": self.images,
             "ok": self.ok,
@@ -114,6 +116,7 @@ class LabelStatistics:
             "errors_by_reason": dict(self.errors_by_reason.most_common()),
             "error_examples": self.error_examples,
             "unlabeled_share": self.unlabeled_pixels / labelled,
+            "distractor_share": self.distractor_pixels / labelled,
             "classes": [
                 {
                     "class_id": i,

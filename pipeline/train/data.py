@@ -106,6 +106,11 @@ def training_taxonomy(spec: TrainSpec, data: LabelledData) -> Taxonomy:
             raise TrainDataError("taxonomy is required unless data.dataset names a prepared benchmark")
         return Taxonomy(tuple(data.dataset.prompts()), tuple(sed_model.IMAGENET_TEMPLATES))
     taxonomy = load_taxonomy(spec.taxonomy)
+    if not taxonomy.is_flat:
+        raise TrainDataError(
+            "taxonomy: training takes one prompt per class; prompt groups and distractors are for labelling "
+            "and evaluation (train on the flat list, then label with the grouped taxonomy)"
+        )
     check_class_count(taxonomy, data, "data")
     return taxonomy
 
@@ -134,24 +139,25 @@ def training_inputs(spec: TrainSpec) -> TrainingInputs:
     if spec.validation is not None:
         validation = labelled_data(spec.validation, "validation")
         check_class_count(taxonomy, validation, "validation")
-        check_validation_labels(list(taxonomy.classes), validation)
+        check_validation_labels(taxonomy, validation)
     return TrainingInputs(data, taxonomy, validation)
 
 
-def evaluated_classes(classes: list[str], data: LabelledData) -> list[str]:
-    """The confusion matrix's classes: the taxonomy's, or the benchmark's where it merges predictions (VOC-20b)."""
-    if data.dataset is not None and data.dataset.merge_predictions_from is not None:
-        return data.dataset.evaluated_classes()
-    return classes
+def validation_taxonomy(taxonomy: Taxonomy, data: LabelledData) -> Taxonomy:
+    """What validation scores in: the training taxonomy, or the benchmark's where its classes group
+    those prompts (VOC-20b: the 39 PASCAL-Context prompts are its class "background")."""
+    if data.dataset is not None and data.dataset.taxonomy().prompts == taxonomy.prompts:
+        return data.dataset.taxonomy()
+    return taxonomy
 
 
-def check_validation_labels(classes: list[str], data: LabelledData) -> None:
+def check_validation_labels(taxonomy: Taxonomy, data: LabelledData) -> None:
     """Read every validation pair once before training: sizes match, ids are classes or the ignore id.
 
     Each evaluation reads them all anyway; a bad one found now costs no training (found at the first
     evaluation, it would stop the run there).
     """
-    count = len(evaluated_classes(classes, data))
+    count = len(validation_taxonomy(taxonomy, data).classes)
     for item in data.items:
         _, truth = read_pair(item, data.storage_options)
         bad = np.unique(truth[(truth >= count) & (truth != data.ignore_label)])

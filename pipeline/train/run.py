@@ -214,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record["iteration"] = iteration
             done = iteration + 1
             if validation is not None and _due(done, spec.validation.every, recipe.iterations):
-                record.update(validate(model, text, config["classes"], validation, spec.validation.top_k, rank, world))
+                record.update(validate(model, text, config["taxonomy"], validation, spec.validation.top_k, rank, world))
             metrics.append(record)
             board.add(record)
             if rank == 0:
@@ -265,7 +265,7 @@ def _fit(spec: TrainSpec, inputs: TrainingInputs, start: int, progress: Progress
         config = {
             "spec": spec.model_dump(mode="json"),
             "text": ray.put(text.numpy()),
-            "classes": classes,
+            "taxonomy": inputs.taxonomy,
             "data": inputs.data,
             "validation": inputs.validation,
             "iterations_done": counter,

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import sed_model
 
 from ..metrics import SemSegEvaluator
-from .data import LabelledData, TrainDataError, evaluated_classes, read_pair
+from ..taxonomy import Taxonomy
+from .data import LabelledData, TrainDataError, read_pair, validation_taxonomy
 
 VALIDATION_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 
@@ -22,7 +23,7 @@ VALIDATION_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 def validate(
     model: sed_model.SED,
     text: torch.Tensor,
-    classes: list[str],
+    taxonomy: Taxonomy,
     data: LabelledData,
     top_k: int | None,
     rank: int = 0,
@@ -33,15 +34,16 @@ def validate(
     With `world > 1` every worker must call it (the confusion matrices are summed collectively).
     The model is left in the training mode it came in.
     """
-    merge_from = data.dataset.merge_predictions_from if data.dataset is not None else None
-    evaluator = SemSegEvaluator(evaluated_classes(classes, data), ignore_label=data.ignore_label, merge_predictions_from=merge_from)
+    scored = validation_taxonomy(taxonomy, data)
+    evaluator = SemSegEvaluator(scored.classes, ignore_label=data.ignore_label)
     training = model.training
     predictor = sed_model.SEDPredictor(model, top_k=top_k)  # puts the model in eval mode
-    predictor.set_taxonomy(classes, text_features=text)
+    predictor.set_taxonomy(list(taxonomy.prompts), text_features=text)
     try:
         for item in data.items[rank::world]:
             image, truth = read_pair(item, data.storage_options)
-            labels = predictor.label_batch([torch.from_numpy(image).permute(2, 0, 1)])[0].labels.cpu().numpy()
+            prompt_labels = predictor.label_batch([torch.from_numpy(image).permute(2, 0, 1)])[0].labels
+            labels = scored.output_labels(prompt_labels, unlabeled=len(scored.classes)).cpu().numpy()
             try:
                 evaluator.process(labels, truth)
             except ValueError as exc:

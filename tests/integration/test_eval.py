@@ -1,8 +1,9 @@
 """`sed-label eval` end to end: a tiny VOC-20 prepared from raw files, the tiny SED, a real local Ray.
 
 The metrics it prints and writes must equal the ones computed here, directly, from `SEDPredictor`
-labels on the same images. (VOC-20 rather than VOC-20b: 20 prompts instead of 59 keep the decoder's
-work small; VOC-20b's merge of predictions into background is tested in tests/pipeline/test_benchmark.py.)
+labels on the same images: VOC-20, and VOC-20b, whose 39 PASCAL-Context prompts form its class
+"background" (a prompt group), scored as the paper's protocol does (every prediction past the 20 VOC
+classes counts as background).
 """
 
 from __future__ import annotations
@@ -117,3 +118,43 @@ def test_eval_of_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
     )
     assert result.exit_code == 2
     assert "not a prepared dataset" in result.output and "sed-label prepare ade20k-150" in result.output
+
+
+def test_voc20b_through_its_prompt_group_equals_the_papers_background_merge(tmp_path, reference, tiny_pooling1):
+    raw = tmp_path / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (raw / folder).mkdir(parents=True)
+    predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=TOP_K)
+    predictor.set_taxonomy(get_dataset("voc20b").prompts())
+    rng = np.random.default_rng(1)
+    ids, predictions, truths = [], [], []
+    for i, (width, height) in enumerate(SIZES[:2]):
+        image_id = f"2008_00000{i}"
+        data = image_bytes(width, height, seed=60 + i, fmt="JPEG")
+        pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        prompts = predictor.label_batch([pixels])[0].labels.numpy()
+        merged = np.minimum(prompts, 20)  # the paper's VOC-20b protocol: prompts 20..58 are background
+        assert (prompts > 20).any()  # some pixels won by a background prompt: the case is not vacuous
+        truth = merged.astype(np.uint8)  # ids 0..19 are VOC classes, 20 background
+        truth[height // 2 :] = rng.choice([*range(21), 255], size=truth[height // 2 :].shape)
+        raw_truth = np.where(truth == 255, 255, np.where(truth == 20, 0, truth + 1)).astype(np.uint8)
+        (raw / "JPEGImages" / f"{image_id}.jpg").write_bytes(data)
+        Image.fromarray(raw_truth).save(raw / "SegmentationClassAug" / f"{image_id}.png")
+        ids.append(image_id)
+        predictions.append(merged)
+        truths.append(truth)
+    (raw / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    prepare_dataset("voc20b", str(raw), str(tmp_path / "voc20b"))
+    model_config = tmp_path / "tiny_clip.json"
+    model_config.write_text(json.dumps(reference["clip_cfg"]))
+    output = tmp_path / "metrics.json"
+    command = [
+        "eval", "--dataset", "voc20b", "--root", str(tmp_path / "voc20b"), "--model", str(model_config),
+        "--weights", str(TINY_CHECKPOINT), "--top-k", str(TOP_K), "--output", str(output),
+    ]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(output.read_text())
+    expected_miou, expected_pacc = independent_metrics(predictions, truths, num_classes=21)
+    assert metrics["metrics"]["mIoU"] == pytest.approx(expected_miou, abs=1e-3)
+    assert metrics["metrics"]["pACC"] == pytest.approx(expected_pacc, abs=1e-3)

@@ -170,3 +170,43 @@ def test_tar_shards_and_parquet_inputs(tmp_path, reference):
     assert rows["shard-0000.tar/bad.png"]["status"] == "error"
     assert (rows["p-2"]["width"], rows["p-2"]["height"]) == (40, 60)
     assert summary.ok == 3 and summary.errors == 1
+
+
+def test_a_grouped_taxonomy_with_distractors_speaks_in_output_classes(tmp_path, reference):
+    """Groups and a distractor through the whole job: every output is in output classes, and the
+    labels are the model's labels on the flat prompts, mapped to their classes."""
+    inputs = write_inputs(tmp_path / "images")
+    wall, sky, bed, person, drawers, light = reference["classes"]
+    taxonomy = {"classes": [{"name": "room", "prompts": [wall, bed, drawers]}, sky, person], "distractors": [light]}
+    spec = tiny_job(reference, str(tmp_path / "images"), str(tmp_path / "out"), taxonomy=taxonomy)
+    run_job(spec)
+    store = JobOutput(spec.output.url)
+    classes = ["room", sky, person]
+    record = store.read_json(JOB_FILE)
+    assert record["classes"] == classes
+    assert record["taxonomy"] == {
+        "classes": [{"name": "room", "prompts": [wall, bed, drawers]}, {"name": sky, "prompts": [sky]}, {"name": person, "prompts": [person]}],
+        "distractors": [light],
+    }
+    coco = COCO(store.path(MERGED_COCO_FILE))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == classes
+
+    prompts = [wall, bed, drawers, sky, person, light]
+    prompt_class = np.array([0, 0, 0, 1, 2, 65535])  # the distractor's pixels: unlabeled
+    text = reference["text_features"][[list(reference["classes"]).index(p) for p in prompts]]
+    model, _ = load_model(spec.model)
+    distractor_pixels = 0
+    for row in read_rows(store):
+        if row["status"] != "ok":
+            continue
+        flat, _ = model_labels(model, inputs[row["image_id"]][0], 2, text, prompts)
+        expected = prompt_class[flat]
+        assert (label_map_of(row) == expected).mean() > 0.999, row["image_id"]
+        assert abs(row["distractor_area"] - int((flat == 5).sum())) <= 0.001 * flat.size
+        distractor_pixels += row["distractor_area"]
+        for label in row["labels"]:
+            assert label["class_id"] in (0, 1, 2)
+            assert label["top_prompt"] in ((wall, bed, drawers) if label["class_id"] == 0 else (None,))
+        png = next(Path(store.path("png", row["shard_id"])).glob(f"{row['image_index']:09d}_*.png"))
+        assert set(np.unique(np.array(Image.open(png)))) <= {0, 1, 2, 255}
+    assert distractor_pixels > 0  # the distractor won pixels: the case is not vacuous

@@ -74,7 +74,7 @@ def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypa
         (lambda s: s["inference"].update(precision="float16"), "inference.precision"),
         (lambda s: s.pop("output"), "output: Field required"),
         (lambda s: s["taxonomy"].update(classes=[]), "at least one class"),
-        (lambda s: s["taxonomy"].update(classes=["sky", "sky"]), "duplicate class names: ['sky']"),
+        (lambda s: s["taxonomy"].update(classes=["sky", "sky"]), "duplicate class name 'sky'"),
         (lambda s: s["taxonomy"].update(templates=["a photo"]), "has no '{}'"),
         (lambda s: s["output"].update(formats=["coco"]), "'parquet' must be among the formats"),
         (lambda s: s["inference"].update(device="cuda"), "gpus_per_actor is 0"),
@@ -136,6 +136,25 @@ def test_taxonomy_from_a_text_file(tmp_path):
     spec["taxonomy"]["classes"] = str(tmp_path / "classes.txt")
     result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
     assert result.exit_code == 0 and "3 classes" in result.output, result.output
+
+
+def test_validate_shows_the_taxonomy_structure_and_refuses_a_prompt_used_twice(tmp_path):
+    spec = demo_spec(tmp_path)
+    spec["taxonomy"]["classes"] = ["sky", {"name": "vegetation", "prompts": ["tree", "bush", "grass"]}, "road"]
+    spec["taxonomy"]["distractors"] = ["wall", "ceiling"]
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
+    assert result.exit_code == 0, result.output
+    assert "3 classes from 5 prompts, 2 distractors" in result.output
+    assert "class 1 'vegetation': prompts 'tree', 'bush', 'grass'" in result.output
+    assert "distractors (unlabeled): 'wall', 'ceiling'" in result.output
+    spec["taxonomy"]["distractors"] = ["wall", "grass"]
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
+    assert result.exit_code == 2
+    assert "prompt 'grass' appears twice: in class 'vegetation' and in the distractors" in result.output
+    spec["taxonomy"]["distractors"] = []
+    spec["taxonomy"]["classes"][1]["prompts"] = []
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path, spec))])
+    assert result.exit_code == 2 and "group 'vegetation' has no prompts" in result.output
 
 
 def test_train_refuses_a_bad_spec_naming_the_field(tmp_path):

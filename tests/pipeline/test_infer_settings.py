@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.infer import SEDInference
 from pipeline.model_loading import load_model
+from pipeline.taxonomy import Taxonomy
 from schemas import ModelSpec
 from tests.helpers import TINY_CHECKPOINT
 
@@ -17,8 +18,7 @@ def test_precision_and_early_rejection_reach_the_predictor(reference, precision)
     inference = SEDInference(
         model,
         {"top_k": 3, "precision": precision, "short_edge": None},
-        list(reference["classes"]),
-        list(reference["templates"]),
+        Taxonomy(tuple(reference["classes"]), tuple(reference["templates"])),
         reference["text_features"].numpy(),
         checkpoint_hash,
     )

@@ -96,10 +96,8 @@ def test_bad_input_is_named():
         SemSegEvaluator(CLASSES, semantics="new")
 
 
-def test_merged_predictions_count_as_the_merge_class():
-    """VOC-20b: predictions from the merge index on count as that index (background)."""
-    merged = SemSegEvaluator(CLASSES, merge_predictions_from=2)
-    merged.process(np.array([[0, 2, 5, 9]]), np.array([[0, 2, 2, 1]]))
-    plain = SemSegEvaluator(CLASSES)
-    plain.process(np.array([[0, 2, 2, 2]]), np.array([[0, 2, 2, 1]]))
-    np.testing.assert_array_equal(merged.confusion, plain.confusion)
+def test_unlabeled_predictions_count_as_misses():
+    """Pixels predicted as no class (below min_confidence, or won by a distractor) are misses."""
+    evaluator = SemSegEvaluator(CLASSES)
+    evaluator.process(np.array([[0, 65535, 3]]), np.array([[0, 1, 2]]))
+    assert evaluator.confusion[len(CLASSES), 1] == 1 and evaluator.confusion[len(CLASSES), 2] == 1 and evaluator.confusion[0, 0] == 1

@@ -283,8 +283,11 @@ def test_registry_claims_and_classes():
     assert ade.claimed({"embed_dim": 64}, None) is None and ade.claimed("convnext_b", 4) is None
     assert get_dataset("pascal-context-459").claimed("convnext_l", 8) == 22.6
     voc20b = get_dataset("voc20b")
-    assert len(voc20b.prompts()) == 59 and voc20b.evaluated_classes()[20] == "background"
-    assert len(voc20b.evaluated_classes()) == 21 and voc20b.claimed("convnext_b", None) is None
+    taxonomy = voc20b.taxonomy()
+    assert len(voc20b.prompts()) == 59 and taxonomy.classes[20] == "background" and len(taxonomy.classes) == 21
+    assert taxonomy.class_prompts(20) == tuple(voc20b.prompts()[20:]) and not taxonomy.distractors
+    assert voc20b.claimed("convnext_b", None) is None
+    assert get_dataset("ade20k-150").taxonomy().is_flat
     assert get_dataset("ade20k-150").prompts()[7] == "bed "  # verbatim, trailing space kept
 
 

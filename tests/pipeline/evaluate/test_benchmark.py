@@ -25,16 +25,19 @@ def batch_of(label_maps: list[np.ndarray], statuses: list[str]) -> dict[str, np.
     }
 
 
-def test_score_merges_voc20b_predictions_and_reports_bad_ground_truth(tmp_path):
+def test_score_counts_voc20b_background_prompts_as_background_and_reports_bad_ground_truth(tmp_path):
     truth = np.array([[20, 20, 3], [255, 0, 20]], dtype=np.uint8)
     Image.fromarray(truth).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((3, 3), np.uint8)).save(tmp_path / "b.png")  # wrong size for its image
     (tmp_path / "c.png").write_bytes(b"not a png")
-    # Prompt 45 (a PASCAL-Context name standing for background) must count as class 20.
-    prediction = np.array([[45, 20, 3], [7, 0, 0]], dtype=np.uint16)
+    # Prompt 45 (a PASCAL-Context name in VOC-20b's group "background") must count as class 20,
+    # as the paper's VOC-20b protocol merges every prompt past the 20 VOC classes into background.
+    prompts = np.array([[45, 20, 3], [7, 0, 0]])
+    prediction = get_dataset("voc20b").taxonomy().output_array(prompts, unlabeled=21).astype(np.uint16)
+    np.testing.assert_array_equal(prediction, np.minimum(prompts, 20))
     batch = batch_of([prediction, np.zeros((2, 3), np.uint16), np.zeros((2, 3), np.uint16), np.zeros((1, 1), np.uint16)], ["ok", "ok", "ok", "error"])
     urls = [str(tmp_path / name) for name in ("a.png", "b.png", "c.png", "d.png")]
-    rows = score_labels(batch, urls, CLASSES, ignore_label=255, merge_predictions_from=20, storage_options={})
+    rows = score_labels(batch, urls, CLASSES, ignore_label=255, storage_options={})
     assert list(rows["status"]) == ["error" if i else "ok" for i in range(4)]
     assert "is 3x3, its image 3x2" in rows["error"][1]
     assert "ground truth unreadable" in rows["error"][2]

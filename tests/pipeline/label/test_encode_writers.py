@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -18,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.label.commit import REDACTED, JobOutput, job_fingerprint, redact
-from pipeline.label.encode import encode_labels, encode_mask, encode_png, safe_name
+from pipeline.label.encode import WORK_COLUMNS, encode_labels, encode_mask, encode_png, safe_name
 from pipeline.infer import UNLABELED
 from pipeline.label.run import _merges_coco, merge_coco
 from pipeline.label.coco import coco_images_and_annotations
@@ -195,6 +196,9 @@ def model_output(shard: str = "000003") -> tuple[dict[str, np.ndarray], np.ndarr
         "max_probs": objects(np.array([0.7, 0.95], np.float32), np.zeros(0, np.float32)),
         "kept_classes": objects(np.array([0, 1, 2], np.int32), np.zeros(0, np.int32)),
         "unlabeled_area": np.array([1, 0], np.int64),
+        "distractor_area": np.array([2, 0], np.int64),
+        # Class 0 is a group whose prompt "tree" won most of its pixels; class 2 is one prompt.
+        "top_prompts": objects('["tree", null]', "[]"),
     }
     return batch, label_map
 
@@ -208,6 +212,8 @@ def test_encode_labels_rows_and_their_png_written_by_the_encode_task(tmp_path):
     assert [label["area"] for label in ok["labels"]] == [6, 33]
     assert ok["labels"][1]["mean_prob"] == pytest.approx(0.8)
     assert (ok["width"], ok["height"], ok["unlabeled_area"], ok["kept_classes"]) == (8, 5, 1, [0, 1, 2])
+    assert ok["distractor_area"] == 2 and [label["top_prompt"] for label in ok["labels"]] == ["tree", None]
+    assert error["distractor_area"] is None
     assert ok["error"] is None and ok["schema_version"] == LABELS_SCHEMA_VERSION
     assert ok["png_file"] == f"png/000003/{safe_name(7, 'dir/b.png')}.png"
     png = (tmp_path / ok["png_file"]).read_bytes()
@@ -376,6 +382,7 @@ def test_merged_coco_holds_every_shards_images_and_annotations(tmp_path):
         batch["label_map"][1] = np.zeros((5, 8), np.uint16)
         batch["class_ids"][1] = np.array([0], np.int32)
         batch["mean_probs"][1] = batch["max_probs"][1] = np.array([0.5], np.float32)
+        batch["top_prompts"][1] = "[null]"
         batch["width"], batch["height"] = np.array([8, 8], np.int32), np.array([5, 5], np.int32)
         writer = ShardWriter(store, shard, 2, ["parquet", "coco"], CLASSES, {})
         writer.add(encode_labels(batch, len(CLASSES), "t", "c"))
@@ -397,3 +404,28 @@ def test_merge_coco_setting(setting, images, formats, merges):
          "output": {"url": "o", "formats": formats, "merge_coco": setting}}
     )
     assert _merges_coco(spec, images) == merges
+
+
+def test_labels_of_schema_version_1_read_as_the_current_version(tmp_path):
+    """Version 1 rows (before prompt groups and distractors) gain distractor_area 0 and null top_prompts."""
+    batch, _ = model_output()
+    current = encode_labels(batch, len(CLASSES), "tax", "ckpt").drop_columns(list(WORK_COLUMNS)).cast(LABELS_SCHEMA)
+    entries = current.column("labels").combine_chunks()
+    flat = entries.flatten()
+    old_entry = pa.struct([f for f in flat.type if f.name != "top_prompt"])
+    old_labels = pa.ListArray.from_arrays(
+        entries.offsets, pa.StructArray.from_arrays([flat.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
+    )
+    version_1 = current.drop_columns(["distractor_area"]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    version_1 = version_1.set_column(0, "schema_version", pa.array([1, 1], pa.int16()))
+    version_1 = version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"})
+
+    upgraded = read_labels_table(version_1)
+    assert upgraded.schema.equals(LABELS_SCHEMA, check_metadata=False)
+    ok, error = upgraded.to_pylist()
+    assert ok["distractor_area"] == 0 and error["distractor_area"] is None and error["labels"] is None
+    assert [label["top_prompt"] for label in ok["labels"]] == [None, None]
+    assert [label["area"] for label in ok["labels"]] == [label["area"] for label in current.to_pylist()[0]["labels"]]
+    assert ok["schema_version"] == LABELS_SCHEMA_VERSION
+    with pytest.raises(ValueError, match="version 9 is not readable"):
+        read_labels_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"9"}))

@@ -14,7 +14,9 @@ import sed_model
 from pipeline.datasets import get_dataset
 from pipeline.datasets.prepared import PreparedWriter
 from pipeline.datasets.raw import Sample
+from pipeline.taxonomy import Taxonomy
 from pipeline.train.data import (
+    LabelledData,
     TrainDataError,
     batch_indices,
     labelled_data,
@@ -22,8 +24,9 @@ from pipeline.train.data import (
     read_pair,
     training_inputs,
     training_taxonomy,
+    validation_taxonomy,
 )
-from schemas import TrainSpec, ValidationSpec
+from schemas import TaxonomySpec, TrainSpec, ValidationSpec
 
 
 def write_folder(root: Path, count: int = 2, size: int = 32) -> None:
@@ -100,6 +103,26 @@ def test_a_taxonomy_must_match_the_benchmarks_class_count(tmp_path):
     spec = spec_for({"url": str(tmp_path / "pc459"), "dataset": "pascal-context-459", "split": "val"}, ["sky", "tree"])
     with pytest.raises(TrainDataError, match="taxonomy has 2 classes, but data.dataset pascal-context-459 labels 459"):
         training_taxonomy(spec, labelled_data(spec.data))
+
+
+@pytest.mark.parametrize(
+    "taxonomy",
+    [{"classes": ["sky", {"name": "green", "prompts": ["tree", "grass"]}]}, {"classes": ["sky", "tree"], "distractors": ["wall"]}],
+)
+def test_training_takes_one_prompt_per_class(tmp_path, taxonomy):
+    write_folder(tmp_path / "data")
+    spec = spec_for({"url": str(tmp_path / "data")}, ["sky", "tree"])
+    spec = spec.model_copy(update={"taxonomy": TaxonomySpec(**taxonomy)})
+    with pytest.raises(TrainDataError, match="training takes one prompt per class"):
+        training_taxonomy(spec, labelled_data(spec.data))
+
+
+def test_validation_on_voc20b_scores_its_background_prompts_as_background():
+    voc20b = get_dataset("voc20b")
+    flat = Taxonomy(tuple(voc20b.prompts()), tuple(sed_model.IMAGENET_TEMPLATES))
+    data = LabelledData(items=[], ignore_label=255, storage_options={}, dataset=voc20b)
+    assert validation_taxonomy(flat, data) == voc20b.taxonomy()
+    assert validation_taxonomy(flat, LabelledData(items=[], ignore_label=255, storage_options={}, dataset=None)) is flat
 
 
 def test_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
