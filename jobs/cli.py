@@ -18,7 +18,9 @@ import sed_model
 from pipeline.datasets import DATASETS, DatasetError, prepare_dataset
 from pipeline.evaluate import BenchmarkError, BenchmarkSettings, model_from_argument, run_benchmark, save_result, summary_lines
 from pipeline.label import ErrorRateExceeded, JobConflictError, JobSummary, run_job
-from pipeline.preflight import PreflightError, preflight, preflight_training
+from pipeline.preflight import PreflightError, check_writable, preflight, preflight_training
+from pipeline.preview import PREVIEW_HTML, PreviewSettings, run_preview
+from pipeline.preview.run import DEFAULT_SAMPLE, DEFAULT_SIMILARITY, duration
 from pipeline.process import prepare_process
 from pipeline.report import REPORT_HTML, ReportError, build_report
 from pipeline.sources import InputError
@@ -119,6 +121,72 @@ def run(
             _fail(current, exc)
         current.progress.close()
         _print_summary(summary, current.log_path)
+
+
+@app.command()
+def preview(
+    job: Path = typer.Argument(..., help="job spec (YAML)"),
+    sample: int = typer.Option(DEFAULT_SAMPLE, min=1, help="images to label, spread evenly over the input's listing"),
+    output: str = typer.Option("preview", help="folder (any fsspec URL) for preview.json and preview.html; never the job's output"),
+    gpu_hour_cost: float = typer.Option(None, min=0, help="price of one GPU hour, for the cost of the whole job"),
+    similarity: float = typer.Option(DEFAULT_SIMILARITY, min=0, max=1, help="flag prompts of different classes whose text embeddings' cosine is at least this"),
+    debug: Debug = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = "info",
+) -> None:
+    """Label a sample of a job's input on its model and hardware: classes, confusable prompts, early
+    rejection, speed and cost of the whole job. Nothing is written to the job's output."""
+    _check_log_level(log_level)
+    spec = _load(load_job_spec, job)
+    output_url = output if "://" in output else str(Path(output).resolve())
+    if output_url.rstrip("/") == spec.output.url.rstrip("/"):
+        raise typer.BadParameter("--output must not be the job's output folder: a preview never writes there")
+    with session("preview", output_url, {}, verbose, debug, log_level) as current:
+        try:
+            prepare_process()
+            preflight(spec, check_output=False)
+            check_writable("--output", output_url, {})
+            if spec.model.weights is None:
+                current.say("note: model.weights is null: random weights, so the labels are meaningless (demo)")
+            settings = PreviewSettings(sample=sample, similarity=similarity, gpu_hour_cost=gpu_hour_cost)
+            result = run_preview(spec, output_url, settings, progress=current.progress)
+        except Exception as exc:
+            _fail(current, exc)
+        current.progress.close()
+    for line in preview_lines(result):
+        typer.echo(line)
+    typer.echo(f"preview: {output_url.rstrip('/')}/{PREVIEW_HTML}")
+    typer.echo(f"log: {current.log_path}")
+
+
+def preview_lines(result: dict[str, Any]) -> list[str]:
+    """What a person reads first: the classes never predicted, the likely confusions, speed and cost."""
+    sample = result["sample"]
+    lines = [f"{sample['images']} of {sample['of']} images labelled ({sample['ok']} ok)"]
+    for reason, count in sample["errors_by_reason"].items():
+        lines.append(f"  {count} x {reason}")
+    if result["never_predicted"]:
+        lines.append(f"never predicted on the sample: {', '.join(result['never_predicted'])}")
+    lines.append(f"distractor pixels {result['distractor_share'] * 100:.1f} %, below min_confidence {result['unlabeled_share'] * 100:.1f} %")
+    for pair in result["similar_prompts"]["pairs"][:5]:
+        lines.append(f"similar prompts: {_prompt(pair, 'a')} ~ {_prompt(pair, 'b')}, cosine {pair['cosine']:.3f}")
+    for pair in result["runner_up"][:5]:
+        lines.append(f"runner-up: {_prompt(pair, 'b')} second to {_prompt(pair, 'a')} on {pair['share'] * 100:.1f} % of its pixels")
+    speed, estimate = result["speed"], result["estimate"]
+    lines.append(f"model: {speed['images_per_second_per_actor']:.2f} images/s per actor on this hardware")
+    for row in estimate["per_actors"]:
+        if row["configured"] or row["actors"] in (1, 8, 64):
+            cost = f", {row['gpu_hours']:.1f} GPU hours" if speed["gpus_per_actor"] and row["gpu_hours"] is not None else ""
+            cost += f", cost {row['cost']:.2f}" if row["cost"] is not None and speed["gpus_per_actor"] else ""
+            actors = f"{row['actors']} actor{'s' if row['actors'] > 1 else ''}{' (the spec)' if row['configured'] else ''}"
+            lines.append(f"  {estimate['input_images']} images with {actors}: {duration(row['hours'])}{cost}")
+    return lines
+
+
+def _prompt(pair: dict[str, str], side: str) -> str:
+    prompt, owner = pair[f"prompt_{side}"], pair[f"class_{side}"]
+    return repr(prompt) if prompt == owner else f"{prompt!r} ({owner})"
+
 
 
 @app.command()

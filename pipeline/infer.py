@@ -8,6 +8,7 @@ job and handed in (Ray resolves the object reference), never recomputed per acto
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class SEDInference:
         taxonomy: Taxonomy,
         text_features: np.ndarray | Callable[[], np.ndarray],
         checkpoint_hash: str,
+        statistics: bool = False,
     ) -> None:
         self.model_spec = ModelSpec(**model)
         self.settings = InferenceSpec(**inference)
@@ -58,6 +60,7 @@ class SEDInference:
         )
         self.taxonomy = taxonomy
         self.num_classes = len(taxonomy.classes)
+        self.statistics = statistics
         # The prompts of each output class that has several: the row names the one that won most pixels.
         self.group_prompts = {c: [i for i, k in enumerate(taxonomy.prompt_class) if k == c] for c in range(self.num_classes)}
         self.group_prompts = {c: prompts for c, prompts in self.group_prompts.items() if len(prompts) > 1}
@@ -73,11 +76,18 @@ class SEDInference:
         class_ids, mean_probs, max_probs, kept, top_prompts = (np.empty(n, dtype=object) for _ in range(5))
         unlabeled, distractor = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         ok = [i for i in range(n) if status[i] == STATUS_OK]
+        started = time.perf_counter()
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
+        seconds = (time.perf_counter() - started) / max(len(ok), 1)
+        pairs, pair_counts = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        for i in range(n):
+            pairs[i] = pair_counts[i] = np.zeros(0, np.int64)
         for i, result in zip(ok, results):
             if isinstance(result, Exception):
                 status[i], error[i] = STATUS_ERROR, inference_error_message(result)
                 continue
+            if self.statistics:
+                pairs[i], pair_counts[i] = self._runner_up_pairs(result)
             summary = self._summarise(result)
             label_maps[i], class_ids[i], mean_probs[i], max_probs[i], prompts, unlabeled[i], distractor[i] = summary
             top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
@@ -102,6 +112,12 @@ class SEDInference:
             unlabeled_area=unlabeled,
             distractor_area=distractor,
         )
+        if self.statistics:  # for `sed-label preview`: the model's time, and who came second where
+            out.update(
+                model_seconds=np.array([seconds if status[i] == STATUS_OK else 0.0 for i in range(n)]),
+                runner_up_pairs=pairs,
+                runner_up_counts=pair_counts,
+            )
         return out
 
     def _label(self, images: list[torch.Tensor]) -> list[sed_model.model.Labeling | Exception]:
@@ -109,15 +125,25 @@ class SEDInference:
         if not images:
             return []
         try:
-            return list(self.predictor.label_batch(images))
+            return list(self.predictor.label_batch(images, runner_up=self.statistics))
         except Exception:  # retried image by image below; each failure is kept as that image's reason
             results: list[sed_model.model.Labeling | Exception] = []
             for image in images:
                 try:
-                    results.append(self.predictor.label_batch([image])[0])
+                    results.append(self.predictor.label_batch([image], runner_up=self.statistics)[0])
                 except Exception as exc:
                     results.append(exc)
             return results
+
+    def _runner_up_pairs(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels per (best prompt, runner-up prompt), as flat indices `best * prompts + second`."""
+        prompts = len(self.taxonomy.prompts)
+        second = labeling.runner_up
+        has_second = second >= 0
+        flat = (labeling.labels[has_second] * prompts + second[has_second]).cpu()
+        counts = torch.bincount(flat, minlength=prompts * prompts)
+        pairs = counts.nonzero().flatten()
+        return pairs.numpy().astype(np.int64), counts[pairs].numpy().astype(np.int64)
 
     def _summarise(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None], int, int]:
         """A labelling in prompts -> its label map and statistics in output classes.

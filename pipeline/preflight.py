@@ -18,8 +18,9 @@ class PreflightError(ValueError):
     """A job spec that validates but cannot run; the message names the field."""
 
 
-def preflight(spec: JobSpec) -> Taxonomy:
-    """Check model, taxonomy, weights, input and output; return the resolved taxonomy."""
+def preflight(spec: JobSpec, check_output: bool = True) -> Taxonomy:
+    """Check model, taxonomy, weights, input and (unless told not to: a preview writes elsewhere)
+    output; return the resolved taxonomy."""
     config = _check_model(spec.model)
     try:
         taxonomy = load_taxonomy(spec.taxonomy)
@@ -28,7 +29,8 @@ def preflight(spec: JobSpec) -> Taxonomy:
     _check_templates(taxonomy, config)
     _check_weights(spec.model)
     _check_readable("input.url", spec.input.url, spec.input.storage_options, shared=False)
-    _check_writable("output.url", spec.output.url, spec.output.storage_options)
+    if check_output:
+        check_writable("output.url", spec.output.url, spec.output.storage_options)
     return taxonomy
 
 
@@ -41,7 +43,7 @@ def preflight_training(spec: TrainSpec, taxonomy: Taxonomy, resuming: bool = Fal
     _check_templates(taxonomy, config)
     if not resuming:
         _check_weights(spec.model)
-    _check_writable("output.url", spec.output.url, spec.output.storage_options)
+    check_writable("output.url", spec.output.url, spec.output.storage_options)
 
 
 def _check_model(model: ModelSpec) -> sed_model.SEDConfig:
@@ -87,7 +89,7 @@ def _check_readable(field: str, url: str, storage_options: dict, shared: bool) -
         raise PreflightError(f"{field}: cannot reach {url!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _check_writable(field: str, url: str, storage_options: dict) -> None:
+def check_writable(field: str, url: str, storage_options: dict) -> None:
     try:
         fs, path = filesystem(url, storage_options)
         probe = f"{path.rstrip('/')}/.sed-label-write-test-{uuid.uuid4().hex}"

@@ -132,11 +132,13 @@ def model_stage(
     text_features: np.ndarray,
     checkpoint_hash: str,
     ray_spec: RaySpec,
+    statistics: bool = False,
 ) -> ray.data.Dataset:
     """Decoded images -> label maps and per-class statistics in the taxonomy's output classes, by
     SED (scoring its prompts) on an actor pool.
 
     The prompts' text embeddings go to the object store once; each actor fetches them when it starts.
+    `statistics` adds what `sed-label preview` measures (`SEDInference`).
     """
     text_ref = ray.put(text_features)
     return images.map_batches(
@@ -147,6 +149,7 @@ def model_stage(
             "taxonomy": taxonomy,
             "text_features": functools.partial(ray.get, text_ref),
             "checkpoint_hash": checkpoint_hash,
+            "statistics": statistics,
         },
         batch_size=inference.batch_size,
         batch_format="numpy",

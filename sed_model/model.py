@@ -60,6 +60,7 @@ class Labeling:
     confidence: torch.Tensor  # (H, W) float: the winning class's probability
     kept: torch.Tensor
     kept_after: dict[str, torch.Tensor]
+    runner_up: torch.Tensor | None = None  # (H, W) int64: the second class (-1 if one was kept), when asked
 
 
 @dataclass
@@ -276,8 +277,10 @@ class SED(nn.Module):
         output_sizes: Sequence[tuple[int, int]] | None = None,
         class_chunk: int = 16,
         precision: str = "float32",
+        runner_up: bool = False,
     ) -> list[Labeling]:
-        """Like `predict_batch`, but keeps only the argmax and its probability.
+        """Like `predict_batch`, but keeps only the argmax and its probability (with `runner_up`,
+        the second class too).
 
         Classes are resized `class_chunk` at a time with a running maximum, so memory stays
         O(class_chunk * H * W) whatever the taxonomy size. Ties go to the lower class index, as
@@ -287,17 +290,16 @@ class SED(nn.Module):
         sizes = _output_sizes(images, output_sizes)
         results = []
         for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes):
-            confidence = labels = None
+            best = second = None
             for start in range(0, low.kept.numel(), class_chunk):
-                chunk_best, chunk_index = _resize(low.probs[start : start + class_chunk], size).max(dim=0)
-                chunk_labels = low.kept[start + chunk_index]
-                if confidence is None:
-                    confidence, labels = chunk_best, chunk_labels
+                resized = _resize(low.probs[start : start + class_chunk], size)
+                kept = low.kept[start : start + class_chunk]
+                chunk = _top_two(resized, kept) if runner_up else (*_top_one(resized, kept), None, None)
+                if best is None:
+                    best, second = chunk[:2], chunk[2:]
                 else:
-                    better = chunk_best > confidence
-                    confidence = torch.where(better, chunk_best, confidence)
-                    labels = torch.where(better, chunk_labels, labels)
-            results.append(Labeling(labels, confidence, low.kept, low.kept_after))
+                    best, second = _merge_top_two(best, second, chunk[:2], chunk[2:], runner_up)
+            results.append(Labeling(best[1], best[0], low.kept, low.kept_after, second[1] if runner_up else None))
         return results
 
     @torch.no_grad()
@@ -314,6 +316,40 @@ class SED(nn.Module):
             raise ValueError(f"predict takes one (3, H, W) image, got shape {tuple(image.shape)}; use predict_batch")
         sizes = None if output_size is None else [tuple(output_size)]
         return self.predict_batch([image], text, top_k, sizes, precision)[0].probs
+
+
+def _top_one(probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    value, index = probs.max(dim=0)
+    return value, classes[index]
+
+
+def _top_two(probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pixel: the best probability and class, then the second (-1 and class -1 if none); both
+    by `max`, so ties go to the lower index as for the labels alone."""
+    value, index = probs.max(dim=0)
+    if probs.shape[0] == 1:
+        return value, classes[index], torch.full_like(value, -1.0), torch.full_like(classes[index], -1)
+    second_value, second_index = probs.scatter(0, index[None], -1.0).max(dim=0)
+    return value, classes[index], second_value, classes[second_index]
+
+
+def _merge_top_two(
+    best: tuple[torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor | None, torch.Tensor | None],
+    chunk_best: tuple[torch.Tensor, torch.Tensor],
+    chunk_second: tuple[torch.Tensor | None, torch.Tensor | None],
+    runner_up: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The running (best, second) after a later chunk of classes; on ties the earlier class wins."""
+    better = chunk_best[0] > best[0]
+    merged_best = (torch.where(better, chunk_best[0], best[0]), torch.where(better, chunk_best[1], best[1]))
+    if not runner_up:
+        return merged_best, (None, None)
+    # The second is the loser of the two bests, or the winner's own second, whichever is higher.
+    earlier = (torch.where(better, best[0], second[0]), torch.where(better, best[1], second[1]))
+    later = (torch.where(better, chunk_second[0], chunk_best[0]), torch.where(better, chunk_second[1], chunk_best[1]))
+    take_later = later[0] > earlier[0]
+    return merged_best, (torch.where(take_later, later[0], earlier[0]), torch.where(take_later, later[1], earlier[1]))
 
 
 def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:

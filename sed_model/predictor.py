@@ -96,10 +96,13 @@ class SEDPredictor:
         return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision)
 
     @torch.inference_mode()
-    def label_batch(self, images: Sequence[torch.Tensor]) -> list[Labeling]:
-        """Label maps and confidences only: memory bounded whatever the taxonomy size."""
+    def label_batch(self, images: Sequence[torch.Tensor], runner_up: bool = False) -> list[Labeling]:
+        """Label maps and confidences only (with `runner_up`, each pixel's second class too):
+        memory bounded whatever the taxonomy size."""
         prepared, sizes = self._inputs(images)
-        return self.model.label_batch(prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision)
+        return self.model.label_batch(
+            prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision, runner_up=runner_up
+        )
 
     def predict(self, image: torch.Tensor) -> Prediction:
         return self.predict_batch([image])[0]

@@ -31,6 +31,8 @@ COCO_ROW_COLUMNS = ["status", "image_index", "image_id", "width", "height", "lab
 # The labels schema plus what the shard writer needs and the Parquet does not keep: the row's PNG
 # label map, relative to the output folder (null: none written), and its COCO fragments.
 WORK_COLUMNS = ("png_file", "coco_image", "coco_annotations")
+# What the model step adds with `statistics` on (`sed-label preview`), carried through as they are.
+STATISTICS_COLUMNS = {"model_seconds": pa.float64(), "runner_up_pairs": pa.list_(pa.int64()), "runner_up_counts": pa.list_(pa.int64())}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -119,4 +121,9 @@ def encode_labels(
     # The COCO fragments from the table's own values (as float32 as the Parquet keeps them).
     fragments = [coco_fragments(row, num_classes) for row in table.select(COCO_ROW_COLUMNS).to_pylist()]
     table = table.append_column("coco_image", pa.array([f[0] for f in fragments], pa.string()))
-    return table.append_column("coco_annotations", pa.array([f[1] for f in fragments], pa.string()))
+    table = table.append_column("coco_annotations", pa.array([f[1] for f in fragments], pa.string()))
+    for name, kind in STATISTICS_COLUMNS.items():
+        if name in batch:
+            values = batch[name].tolist() if kind == pa.float64() else [v.tolist() for v in batch[name]]
+            table = table.append_column(name, pa.array(values, kind))
+    return table

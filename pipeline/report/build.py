@@ -97,7 +97,14 @@ def _gallery(store: JobOutput, entries: list[ImageSummary], colours: np.ndarray,
         return []
     plan = store.read_plan()
     wanted = plan.filter(pc.is_in(plan.column("image_index"), pc.cast([e.image_index for e in entries], "int64")))
-    plan_rows = {r["image_index"]: r for r in wanted.to_pylist()}
+    return gallery({r["image_index"]: r for r in wanted.to_pylist()}, entries, colours, classes, options)
+
+
+def gallery(plan_rows: dict[int, dict], entries: list[ImageSummary], colours: np.ndarray, classes: list[str], options: dict) -> list[dict]:
+    """Overlays of `entries` with their legends; `plan_rows` (by image index) say where each source
+    is, `options` how to read it (the input spec's fields)."""
+    if not entries:
+        return []
     data = read_images([dict(plan_rows[e.image_index], inline=None) for e in entries], options.get("image_column", "image"), options.get("storage_options", {}))
     items = []
     for entry, value in zip(entries, data):

@@ -46,6 +46,7 @@ class LabelStatistics:
         t = len(self.classes)
         self.class_pixels = np.zeros(t, dtype=np.int64)
         self.class_images = np.zeros(t, dtype=np.int64)
+        self.class_probability_sums = np.zeros(t, dtype=np.float64)  # mean_prob x area, summed
         self.mean_prob_histogram = np.zeros((t, HISTOGRAM_BINS), dtype=np.int64)
         self.kept_counts: Counter = Counter()
         self._least_confident: list[tuple[float, int, ImageSummary]] = []  # max-heap by -confidence
@@ -71,6 +72,7 @@ class LabelStatistics:
             c = label["class_id"]
             self.class_pixels[c] += label["area"]
             self.class_images[c] += 1
+            self.class_probability_sums[c] += label["mean_prob"] * label["area"]
             b = min(int(label["mean_prob"] * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)
             self.mean_prob_histogram[c, b] += 1
             weighted += label["mean_prob"] * label["area"]
@@ -123,6 +125,8 @@ class LabelStatistics:
                     "name": name,
                     "pixel_share": float(self.class_pixels[i] / labelled),
                     "images": int(self.class_images[i]),
+                    # the mean probability of the class's pixels (null: never predicted)
+                    "mean_prob": float(self.class_probability_sums[i] / self.class_pixels[i]) if self.class_pixels[i] else None,
                     "mean_prob_histogram": self.mean_prob_histogram[i].tolist(),
                 }
                 for i, name in enumerate(self.classes)

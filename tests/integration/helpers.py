@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TagAttributes(HTMLParser):
+    """Every start tag of a page with its attributes (to check that a page runs no script)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attributes: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.attributes.append((tag, dict(attrs)))
+
+
+def render_in_chromium(page: Path, folder: Path) -> tuple[str, list[str]]:
+    """Render `page` in headless Chromium: its DOM after rendering, and the console's errors.
+    A screenshot of it must hold pixels (the page drew)."""
+    screenshot = folder / f"{page.stem}.png"
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--no-first-run", f"--user-data-dir={folder / 'profile'}"]
+    shot = subprocess.run(common + [f"--screenshot={screenshot}", "--window-size=1200,3000", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert screenshot.exists() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    dumped = subprocess.run(common + ["--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    return dumped.stdout, [line for line in dumped.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]

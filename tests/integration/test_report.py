@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +14,10 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.label import JobOutput, run_job
 
-from .helpers import image_bytes, label_map_of, read_rows, tiny_job
+from .helpers import TagAttributes, image_bytes, label_map_of, read_rows, render_in_chromium, tiny_job
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 HOSTILE = "<img src=x onerror=alert(1)>.png"
-
-
-class _Tags(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attributes: list[tuple[str, dict]] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.attributes.append((tag, dict(attrs)))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def test_html_is_self_contained_and_escapes_data(job_with_truth):
     spec, _, truth = job_with_truth
     CliRunner().invoke(app, ["report", spec.output.url])
     html = Path(spec.output.url, "report.html").read_text()
-    parser = _Tags()
+    parser = TagAttributes()
     parser.feed(html)
     for tag, attributes in parser.attributes:
         assert not any(name.startswith("on") for name in attributes), (tag, attributes)
@@ -93,15 +82,6 @@ def test_html_is_self_contained_and_escapes_data(job_with_truth):
 def test_report_renders_in_headless_chromium_without_console_errors(job_with_truth, tmp_path):
     spec, _, _ = job_with_truth
     CliRunner().invoke(app, ["report", spec.output.url])
-    page = Path(spec.output.url, "report.html")
-    screenshot = tmp_path / "report.png"
-    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    shot = subprocess.run(common + [f"--screenshot={screenshot}", "--window-size=1200,3000", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
-    assert screenshot.exists() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
-    dumped = subprocess.run(common + ["--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-                            capture_output=True, text=True, timeout=120)
-    assert "Pseudo-label report" in dumped.stdout
-    console_errors = [line for line in dumped.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    dom, console_errors = render_in_chromium(Path(spec.output.url, "report.html"), tmp_path)
+    assert "Pseudo-label report" in dom
     assert not console_errors, console_errors

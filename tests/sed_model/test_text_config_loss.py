@@ -116,6 +116,21 @@ class TestPredictor:
             torch.testing.assert_close(labeling.confidence, probs.max(dim=0).values)
             assert torch.equal(labeling.kept, prediction.kept)
 
+    @pytest.mark.parametrize("top_k", [None, 2])
+    @pytest.mark.parametrize("class_chunk", [16, 3, 1])
+    def test_runner_up_is_the_second_of_the_probabilities_and_leaves_the_labels_alone(self, tiny_pooling1, reference, cer_cases, top_k, class_chunk):
+        predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
+        predictor.set_taxonomy(cer_cases["classes"][:30], text_features=cer_cases["text_features"][:30])
+        plain = predictor.label_batch(reference["images"])
+        prepared, sizes = predictor._inputs(reference["images"])
+        both = predictor.model.label_batch(prepared, predictor.text_features, top_k, output_sizes=sizes, class_chunk=class_chunk, runner_up=True)
+        for prediction, alone, labeling in zip(predictor.predict_batch(reference["images"]), plain, both):
+            assert torch.equal(labeling.labels, alone.labels) and torch.equal(labeling.confidence, alone.confidence)
+            kept = prediction.probs[prediction.kept]  # rejected classes are exactly 0: never second among kept ones
+            masked = kept.scatter(0, kept.argmax(dim=0, keepdim=True), -1.0)
+            assert torch.equal(labeling.runner_up, prediction.kept[masked.argmax(dim=0)])
+        assert plain[0].runner_up is None
+
 
 def test_shortest_edge_size_follows_detectron2():
     assert shortest_edge_size(240, 320) == (640, 853)
