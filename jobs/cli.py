@@ -24,7 +24,7 @@ from pipeline.preview.run import DEFAULT_SAMPLE, DEFAULT_SIMILARITY, duration
 from pipeline.process import prepare_process
 from pipeline.report import REPORT_HTML, ReportError, build_report
 from pipeline.sources import InputError
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, filesystem
 from pipeline.taxonomy import Taxonomy
 from pipeline.train import TrainDataError, run_training, training_inputs
 from schemas import ModelSpec, RaySpec
@@ -139,8 +139,8 @@ def preview(
     _check_log_level(log_level)
     spec = _load(load_job_spec, job)
     output_url = output if "://" in output else str(Path(output).resolve())
-    if output_url.rstrip("/") == spec.output.url.rstrip("/"):
-        raise typer.BadParameter("--output must not be the job's output folder: a preview never writes there")
+    if _overlaps(output_url, spec.output.url, spec.output.storage_options):
+        raise typer.BadParameter(f"--output {output!r} is inside the job's output folder or holds it: a preview never writes there")
     with session("preview", output_url, {}, verbose, debug, log_level) as current:
         try:
             prepare_process()
@@ -157,6 +157,16 @@ def preview(
         typer.echo(line)
     typer.echo(f"preview: {output_url.rstrip('/')}/{PREVIEW_HTML}")
     typer.echo(f"log: {current.log_path}")
+
+
+def _overlaps(url: str, other: str, other_options: dict[str, Any]) -> bool:
+    """Whether two folders are the same storage's and one holds the other (or they are one)."""
+    fs, path = filesystem(url, {})
+    other_fs, other_path = filesystem(other, other_options)
+    if fs.protocol != other_fs.protocol:
+        return False
+    a, b = path.rstrip("/") + "/", other_path.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def preview_lines(result: dict[str, Any]) -> list[str]:

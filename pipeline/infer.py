@@ -61,9 +61,11 @@ class SEDInference:
         self.taxonomy = taxonomy
         self.num_classes = len(taxonomy.classes)
         self.statistics = statistics
+        self.device = device
+        self.batches_labelled = 0
         # The prompts of each output class that has several: the row names the one that won most pixels.
-        self.group_prompts = {c: [i for i, k in enumerate(taxonomy.prompt_class) if k == c] for c in range(self.num_classes)}
-        self.group_prompts = {c: prompts for c, prompts in self.group_prompts.items() if len(prompts) > 1}
+        members = {c: [taxonomy.prompts.index(p) for p in taxonomy.class_prompts(c)] for c in range(self.num_classes)}
+        self.group_prompts = {c: prompts for c, prompts in members.items() if len(prompts) > 1}
         if callable(text_features):  # fetched once per actor from wherever the executor keeps it
             text_features = text_features()
         self.predictor.set_taxonomy(list(taxonomy.prompts), list(taxonomy.templates), text_features=torch.as_tensor(np.asarray(text_features)))
@@ -78,8 +80,13 @@ class SEDInference:
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         started = time.perf_counter()
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
+        if self.statistics and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the model's time includes its last kernels
         seconds = (time.perf_counter() - started) / max(len(ok), 1)
+        warm = self.batches_labelled > 0  # an actor's first batch also pays its start (lazy initialisation)
+        self.batches_labelled += 1
         pairs, pair_counts = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        prompts_won = np.zeros(n, dtype=np.int64)
         for i in range(n):
             pairs[i] = pair_counts[i] = np.zeros(0, np.int64)
         for i, result in zip(ok, results):
@@ -88,6 +95,7 @@ class SEDInference:
                 continue
             if self.statistics:
                 pairs[i], pair_counts[i] = self._runner_up_pairs(result)
+                prompts_won[i] = int(result.labels.unique().numel())
             summary = self._summarise(result)
             label_maps[i], class_ids[i], mean_probs[i], max_probs[i], prompts, unlabeled[i], distractor[i] = summary
             top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
@@ -115,8 +123,10 @@ class SEDInference:
         if self.statistics:  # for `sed-label preview`: the model's time, and who came second where
             out.update(
                 model_seconds=np.array([seconds if status[i] == STATUS_OK else 0.0 for i in range(n)]),
+                model_warm=np.full(n, warm),
                 runner_up_pairs=pairs,
                 runner_up_counts=pair_counts,
+                prompts_won=prompts_won,
             )
         return out
 

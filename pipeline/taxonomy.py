@@ -14,12 +14,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 import sed_model
 from schemas import PromptGroup, TaxonomySpec
-from schemas.job import taxonomy_problem
+from schemas.job import class_entry, taxonomy_problem
 
 from .storage import StorageError, filesystem
 
@@ -45,8 +44,7 @@ class Taxonomy:
             raise sed_model.TaxonomyError(f"taxonomy: {problem}")
         names, prompts, prompt_class = [], [], []
         for index, entry in enumerate(classes):
-            group = PromptGroup.model_validate(entry) if isinstance(entry, dict) else entry
-            name, members = (group.name, group.prompts) if isinstance(group, PromptGroup) else (group, [group])
+            name, members = class_entry(entry)
             names.append(name)
             prompts.extend(members)
             prompt_class.extend([index] * len(members))
@@ -91,10 +89,6 @@ class Taxonomy:
             return prompt_labels
         table = torch.tensor([unlabeled if c == DISTRACTOR else c for c in self.prompt_class], dtype=prompt_labels.dtype)
         return table.to(prompt_labels.device)[prompt_labels]
-
-    def output_array(self, prompt_labels: np.ndarray, unlabeled: int) -> np.ndarray:
-        """`output_labels` for a numpy label map."""
-        return self.output_labels(torch.from_numpy(prompt_labels.astype(np.int64)), unlabeled).numpy()
 
 
 def load_taxonomy(spec: TaxonomySpec) -> Taxonomy:

@@ -47,6 +47,12 @@ class PromptGroup(_Spec):
         return self
 
 
+def class_entry(entry: str | PromptGroup | dict) -> tuple[str, list[str]]:
+    """A taxonomy entry as (class name, its prompts): a plain name is its own one prompt."""
+    group = PromptGroup.model_validate(entry) if isinstance(entry, dict) else entry
+    return (group.name, list(group.prompts)) if isinstance(group, PromptGroup) else (group, [group])
+
+
 def taxonomy_problem(classes: list[str | PromptGroup | dict], distractors: list[str]) -> str | None:
     """What is wrong with a taxonomy's structure (an empty list, a repeated class name, a prompt used
     twice, an empty prompt), or None."""
@@ -55,8 +61,7 @@ def taxonomy_problem(classes: list[str | PromptGroup | dict], distractors: list[
     names: set[str] = set()
     owners: dict[str, str] = {}  # prompt -> where it is used
     for entry in classes:
-        group = PromptGroup.model_validate(entry) if isinstance(entry, dict) else entry
-        name, prompts = (group.name, group.prompts) if isinstance(group, PromptGroup) else (group, [group])
+        name, prompts = class_entry(entry)
         if name in names:
             return f"duplicate class name {name!r}"
         names.add(name)
@@ -195,7 +200,7 @@ class ErrorBreakerSpec(_Spec):
     max_share: float = Field(
         0.5,
         gt=0,
-        le=1,
+        lt=1,
         description="the job stops when one error reason not about the images' own bytes (not found, access denied, "
         "read failed, out of memory, inference failed) takes more than this share of the images judged",
     )

@@ -57,7 +57,7 @@ LABELS_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(CLASS_LABEL)),  # one entry per class present
         pa.field("unlabeled_area", pa.int64()),  # pixels below min_confidence
         pa.field("distractor_area", pa.int64()),  # pixels whose best prompt is a distractor (unlabeled too)
-        pa.field("kept_classes", pa.list_(pa.int32())),  # classes kept by early rejection
+        pa.field("kept_classes", pa.list_(pa.int32())),  # prompts kept by early rejection (indices into job.json's "prompts")
         pa.field("taxonomy_hash", pa.string(), nullable=False),
         pa.field("checkpoint_hash", pa.string(), nullable=False),
         pa.field("labeled_at", pa.timestamp("ms", tz="UTC"), nullable=False),
@@ -84,13 +84,15 @@ def read_labels_table(table: pa.Table) -> pa.Table:
 def _upgrade_version_1(table: pa.Table) -> pa.Table:
     metadata = {**table.schema.metadata, b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
     if "labels" in table.column_names:
-        labels = table.column("labels").combine_chunks()
-        entries = labels.flatten()
-        upgraded = pa.StructArray.from_arrays(
-            [entries.field(name) for name in entries.type.names] + [pa.nulls(len(entries), pa.string())],
-            fields=[*entries.type, CLASS_LABEL.field("top_prompt")],
-        )
-        lists = pa.ListArray.from_arrays(labels.offsets, upgraded, type=pa.list_(CLASS_LABEL), mask=labels.is_null())
+        chunks = []
+        for labels in table.column("labels").chunks:
+            entries = labels.values  # the whole child array: `offsets` index into it, sliced or not
+            upgraded = pa.StructArray.from_arrays(
+                [entries.field(name) for name in entries.type.names] + [pa.nulls(len(entries), pa.string())],
+                fields=[*entries.type, CLASS_LABEL.field("top_prompt")],
+            )
+            chunks.append(pa.ListArray.from_arrays(labels.offsets, upgraded, type=pa.list_(CLASS_LABEL), mask=labels.is_null()))
+        lists = pa.chunked_array(chunks, type=pa.list_(CLASS_LABEL))
         table = table.set_column(table.column_names.index("labels"), LABELS_SCHEMA.field("labels"), lists)
     if "unlabeled_area" in table.column_names:
         unlabeled = table.column("unlabeled_area")
@@ -103,9 +105,14 @@ def _upgrade_version_1(table: pa.Table) -> pa.Table:
 
 
 def read_labels_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """A labels Parquet file's bytes -> its table (only `columns`, if given), checked by `read_labels_table`."""
-    table = pq.read_table(pa.BufferReader(data), columns=columns)
-    return read_labels_table(table)
+    """A labels Parquet file's bytes -> its table (only `columns`, if given, in that order), checked
+    and upgraded by `read_labels_table`; a column a version 1 file lacks comes from the upgrade."""
+    stored = pq.read_schema(pa.BufferReader(data)).names
+    read = None if columns is None else [name for name in columns if name in stored]
+    if columns is not None and "distractor_area" in columns and "unlabeled_area" in stored:
+        read.append("unlabeled_area")  # the upgrade makes distractor_area from it
+    table = read_labels_table(pq.read_table(pa.BufferReader(data), columns=read))
+    return table if columns is None else table.select(columns)
 
 
 # PNG label maps: uint8 with 255 = unlabeled up to 254 classes, else uint16 with 65535 = unlabeled.

@@ -10,7 +10,7 @@
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint, save_checkpoint
 from .clip_weights import ClipWeightsError, load_clip_weights
 from .config import PRESETS, SEDConfig, UnknownModelError
-from .loss import sed_loss
+from .loss import class_logits, sed_loss
 from .factory import create_model
 from .model import SED, Prediction, build_sed, cost_volume
 from .predictor import SEDPredictor, prepare_cpu_inference
@@ -44,6 +44,7 @@ __all__ = [
     "read_checkpoint",
     "resize_shortest_edge",
     "save_checkpoint",
+    "class_logits",
     "sed_loss",
     "taxonomy_hash",
     "train_step",

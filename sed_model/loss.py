@@ -10,6 +10,20 @@ import torch.nn.functional as F
 IGNORE_LABEL = 255
 
 
+def class_logits(prompt_logits: torch.Tensor, prompt_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`(B, P, h, w)` logits of prompts -> `(B, C, h, w)` logits of the classes they form.
+
+    A class of several prompts has the probability of its best prompt, and sigmoid is monotonic,
+    so its logit is the maximum of its prompts' logits (the gradient goes to the prompt that wins
+    each pixel). Prompts of class -1 (distractors: no ground truth names them) are left out.
+    """
+    kept = prompt_class >= 0
+    logits = prompt_logits[:, kept]
+    index = prompt_class[kept].view(1, -1, 1, 1).expand_as(logits)
+    shape = (logits.shape[0], num_classes, *logits.shape[2:])
+    return logits.new_full(shape, float("-inf")).scatter_reduce(1, index, logits, reduce="amax", include_self=False)
+
+
 def sed_loss(
     logits: Sequence[torch.Tensor],
     targets: torch.Tensor,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loss import IGNORE_LABEL, sed_loss
+from .loss import IGNORE_LABEL, class_logits, sed_loss
 from .model import SED
 
 IMAGE_TOWER_PREFIX = "backbone.clip.visual."
@@ -137,13 +137,16 @@ def train_step(
     recipe: Recipe,
     ignore_label: int = IGNORE_LABEL,
     scaler: torch.amp.GradScaler | None = None,
+    prompt_class: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One iteration: forward in training mode, the four losses, backward, clipping, AdamW, schedule.
 
     `model` is an `SED` or a wrapper calling its forward (DDP); `images` `(B, 3, H, W)` uint8,
     `targets` `(B, H, W)` int64 with `ignore_label`, `text` the classes' `(T, P, D)` embeddings;
-    `scaler` from `build_grad_scaler` (float16 only). Returns the losses, their sum, the gradient
-    norm before clipping and the decoder's learning rate in this step.
+    `scaler` from `build_grad_scaler` (float16 only). With `prompt_class` (per row of `text`, its
+    class in `targets`, or -1), `text` holds prompts and the loss is on the classes they form
+    (`class_logits`). Returns the losses, their sum, the gradient norm before clipping and the
+    decoder's learning rate in this step.
     """
     if (recipe.precision == "float16") != (scaler is not None):
         raise ValueError("float16 training needs a GradScaler (build_grad_scaler), and only float16 takes one")
@@ -151,7 +154,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     dtype = AUTOCAST_DTYPES.get(recipe.precision)
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        losses = sed_loss(model(images, text), targets, ignore_label, exclude_ignored=recipe.exclude_ignored)
+        logits = model(images, text)
+        if prompt_class is not None:
+            num_classes = int(prompt_class.max()) + 1
+            logits = [class_logits(output, prompt_class, num_classes) for output in logits]
+        losses = sed_loss(logits, targets, ignore_label, exclude_ignored=recipe.exclude_ignored)
     total = sum(losses.values())
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     lr = optimizer.param_groups[0]["lr"]

@@ -40,7 +40,7 @@ def score_labels(
             status[i], error[i] = STATUS_ERROR, f"ground truth unreadable: {exc}"
             continue
         except ValueError as exc:  # another size, or values outside the dataset's classes
-            status[i], error[i] = STATUS_ERROR, f"{url}: {exc}"
+            status[i], error[i] = STATUS_ERROR, f"ground truth mismatch: {url}: {exc}"
             continue
         flat = evaluator.confusion.reshape(-1)
         indices[i] = np.flatnonzero(flat)

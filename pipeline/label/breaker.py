@@ -37,13 +37,15 @@ class ErrorBreaker:
         self._window: deque[str | None] = deque()  # per row in arrival order: its watched reason, or None
         self._counts: Counter[str] = Counter()  # watched reasons in the window
         self._examples: dict[str, deque[tuple[str, str]]] = {}  # reason -> its latest (image id, message)
+        self._trip: str | None = None  # why the job must stop, from the first row that tripped
 
     @property
     def enabled(self) -> bool:
         return self.settings is not None
 
     def observe(self, batch: pa.Table) -> None:
-        """Take a batch of rows (columns `status`, `error`, `image_id`) into the window."""
+        """Take a batch of rows (columns `status`, `error`, `image_id`) into the window, judging
+        after every row (a batch may be longer than the window)."""
         self.rows_seen += batch.num_rows
         if self.settings is None:
             return
@@ -64,16 +66,22 @@ class ErrorBreaker:
                 dropped = self._window.popleft()
                 if dropped is not None:
                     self._counts[dropped] -= 1
+            # A share rises only when its reason arrives; the first judgment looks at every reason.
+            if self._trip is None and len(self._window) >= self.settings.min_images:
+                self._trip = self._judge(reason if len(self._window) > self.settings.min_images else None)
 
     def tripped(self, final: bool = False) -> str | None:
         """Why the job must stop, or None. `final`: no more rows will come (judge even a short run)."""
-        if self.settings is None or not self._window:
-            return None
-        seen = len(self._window)
-        if seen < self.settings.min_images and not final:
-            return None
-        reason, count = max(self._counts.items(), key=lambda item: item[1], default=("", 0))
-        if count <= self.settings.max_share * seen:
+        if self._trip is None and final and self.settings is not None and self._window:
+            self._trip = self._judge(None)
+        return self._trip
+
+    def _judge(self, reason: str | None) -> str | None:
+        """The stop message if `reason` (None: the largest reason) takes more than its share."""
+        if reason is None:
+            reason, _ = max(self._counts.items(), key=lambda item: item[1], default=("", 0))
+        seen, count = len(self._window), self._counts.get(reason, 0)
+        if not reason or count <= self.settings.max_share * seen:
             return None
         examples = list(self._examples[reason])[::-1]
         named = " and ".join(f"{image_id} ({message})" for image_id, message in examples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +33,17 @@ REDACTED = "***"
 
 class JobConflictError(RuntimeError):
     """The output holds another job's results (different model, taxonomy, input or settings)."""
+
+
+def redact_url(url: str) -> str:
+    """A URL without what may be a secret: its user and password, and its query (signed URLs)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or (parts.username is None and parts.password is None and not parts.query):
+        return url
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = f"{REDACTED}@{parts.hostname or ''}" + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", parts.fragment))
 
 
 def redact(value: Any) -> Any:

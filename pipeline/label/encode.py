@@ -32,7 +32,13 @@ COCO_ROW_COLUMNS = ["status", "image_index", "image_id", "width", "height", "lab
 # label map, relative to the output folder (null: none written), and its COCO fragments.
 WORK_COLUMNS = ("png_file", "coco_image", "coco_annotations")
 # What the model step adds with `statistics` on (`sed-label preview`), carried through as they are.
-STATISTICS_COLUMNS = {"model_seconds": pa.float64(), "runner_up_pairs": pa.list_(pa.int64()), "runner_up_counts": pa.list_(pa.int64())}
+STATISTICS_COLUMNS = {
+    "model_seconds": pa.float64(),
+    "model_warm": pa.bool_(),
+    "prompts_won": pa.int64(),
+    "runner_up_pairs": pa.list_(pa.int64()),
+    "runner_up_counts": pa.list_(pa.int64()),
+}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -124,6 +130,6 @@ def encode_labels(
     table = table.append_column("coco_annotations", pa.array([f[1] for f in fragments], pa.string()))
     for name, kind in STATISTICS_COLUMNS.items():
         if name in batch:
-            values = batch[name].tolist() if kind == pa.float64() else [v.tolist() for v in batch[name]]
+            values = [v.tolist() for v in batch[name]] if pa.types.is_list(kind) else batch[name].tolist()
             table = table.append_column(name, pa.array(values, kind))
     return table

@@ -97,6 +97,7 @@ def prepare_output(
                 "spec": redact(spec.model_dump(mode="json")),
                 "classes": list(taxonomy.classes),
                 "taxonomy": taxonomy.structure(),
+                "prompts": list(taxonomy.prompts),
                 "taxonomy_hash": taxonomy.hash,
                 "checkpoint_hash": checkpoint_hash,
                 "labels_schema_version": LABELS_SCHEMA_VERSION,
@@ -208,6 +209,29 @@ class _Job:
         dataset = self.dataset(text_features, plan, pending)
         batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         commits: list[Future] = []
+        try:
+            self._label_batches(batches, breaker, writers, held, commits, metadata)
+        except ErrorRateExceeded as stop:
+            failed = [future.exception() for future in commits if future.exception() is not None]
+            if failed:  # the pool has finished: a commit that failed meanwhile is told too
+                raise ErrorRateExceeded(f"{stop}; besides, a shard's commit failed: {failed[0]}") from failed[0]
+            raise
+        _raise_failed(commits)  # the pool has finished every commit
+        if writers:
+            missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
+            raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
+
+    def _label_batches(
+        self,
+        batches: Any,
+        breaker: ErrorBreaker,
+        writers: dict[str, ShardWriter],
+        held: list[tuple[int, ShardWriter]],
+        commits: list[Future],
+        metadata: dict[str, str],
+    ) -> None:
+        """Rows into shard writers; complete shards committed from a pool of threads, or held back
+        while the breaker may still stop the job (`breaker.py`)."""
         with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as committer:
 
             def commit(writer: ShardWriter) -> None:
@@ -234,10 +258,6 @@ class _Job:
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
-        _raise_failed(commits)  # the pool has finished every commit
-        if writers:
-            missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
-            raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
 
     def _complete_shards(self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str]) -> list[ShardWriter]:
         """Hand a batch's rows to their shards' writers; return the writers of the shards now complete."""

@@ -29,7 +29,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from schemas import STATUS_OK, JobSpec
 
-from ..label.commit import redact
+from ..label.commit import redact, redact_url
 from ..label.encode import encode_labels
 from ..progress import LogProgress, Progress
 from ..ray_stages import connect_ray, encode_taxonomy_once, model_stage, read_stage
@@ -56,7 +56,8 @@ class LabelledSample:
     stats: LabelStatistics  # the rows, summarised as the report does
     runner_up: np.ndarray  # (prompts, prompts) pixels: [best, runner-up]
     prompts_won: list[int]  # per ok image: how many prompts won some pixel
-    model_seconds: float  # the model's own time, summed over actors
+    timed_images: int  # the images the model's rate is measured on (after each actor's first batch)
+    model_seconds: float  # the model's own time on them, summed over actors
     wall_seconds: float  # from the first labelled batch to the last
 
 
@@ -86,18 +87,23 @@ def sample_indices(total: int, sample: int) -> list[int]:
 
 
 def similar_prompts(taxonomy: Taxonomy, text_features: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    """Prompt pairs of different output classes (a distractor counts as its own) whose
-    template-averaged text embeddings have a cosine of at least `threshold`, most similar first."""
+    """Prompt pairs that would change a label if confused (`_confusable`) whose template-averaged
+    text embeddings have a cosine of at least `threshold`, most similar first."""
     mean = text_features.mean(axis=1)
     mean = mean / np.linalg.norm(mean, axis=1, keepdims=True)
     cosine = mean @ mean.T
     pairs = []
     for a in range(len(taxonomy.prompts)):
         for b in range(a + 1, len(taxonomy.prompts)):
-            same_group = taxonomy.prompt_class[a] == taxonomy.prompt_class[b] != DISTRACTOR
-            if not same_group and cosine[a, b] >= threshold:
+            if _confusable(taxonomy, a, b) and cosine[a, b] >= threshold:
                 pairs.append({**_pair(taxonomy, a, b), "cosine": round(float(cosine[a, b]), 4)})
     return sorted(pairs, key=lambda p: -p["cosine"])
+
+
+def _confusable(taxonomy: Taxonomy, a: int, b: int) -> bool:
+    """Prompts whose confusion changes a label: of different classes, or a class and a distractor
+    (two prompts of one class, or two distractors, give the same label)."""
+    return taxonomy.prompt_class[a] != taxonomy.prompt_class[b]
 
 
 def _owner(taxonomy: Taxonomy, prompt: int) -> str:
@@ -110,13 +116,12 @@ def _pair(taxonomy: Taxonomy, a: int, b: int) -> dict[str, str]:
 
 
 def runner_up_pairs(taxonomy: Taxonomy, counts: np.ndarray) -> list[dict[str, Any]]:
-    """Pairs (best prompt, runner-up prompt) of different output classes by pixels, most first;
-    `share` is the share of the best prompt's pixels where the other came second."""
+    """Pairs (best prompt, runner-up prompt) that would change a label (`_confusable`) by pixels,
+    most first; `share` is the share of the best prompt's pixels where the other came second."""
     won = counts.sum(axis=1)
     pairs = []
     for a, b in zip(*np.nonzero(counts)):
-        same_group = taxonomy.prompt_class[a] == taxonomy.prompt_class[b] != DISTRACTOR
-        if a != b and not same_group:
+        if _confusable(taxonomy, int(a), int(b)):
             pairs.append({**_pair(taxonomy, int(a), int(b)), "pixels": int(counts[a, b]), "share": round(float(counts[a, b] / won[a]), 4)})
     return sorted(pairs, key=lambda p: -p["pixels"])
 
@@ -152,9 +157,9 @@ def run_preview(spec: JobSpec, output_url: str, settings: PreviewSettings = Prev
             ray.shutdown()
     stats, prompts_won = sampled.stats, sampled.prompts_won
     labelled = stats.to_dict()
-    images_per_second = stats.ok / sampled.model_seconds if sampled.model_seconds else 0.0
+    images_per_second = sampled.timed_images / sampled.model_seconds if sampled.model_seconds else 0.0
     preview = {
-        "job": {"input": spec.input.url, "output": spec.output.url},
+        "job": {"input": redact_url(spec.input.url), "output": redact_url(spec.output.url)},
         "sample": {"images": stats.images, "of": len(refs), "ok": stats.ok, "errors_by_reason": labelled["errors_by_reason"]},
         "taxonomy": taxonomy.structure(),
         "classes": [
@@ -181,6 +186,7 @@ def run_preview(spec: JobSpec, output_url: str, settings: PreviewSettings = Prev
         "speed": {
             "images_per_second_per_actor": round(images_per_second, 3),
             "model_seconds": round(sampled.model_seconds, 3),
+            "timed_images": sampled.timed_images,
             "sample_wall_seconds": round(sampled.wall_seconds, 3),
             "device": spec.inference.device,
             "gpus_per_actor": spec.ray.gpus_per_actor,
@@ -208,19 +214,23 @@ def _label_sample(
     prompts = len(taxonomy.prompts)
     counts = np.zeros((prompts, prompts), dtype=np.int64)
     prompts_won: list[int] = []
-    model_seconds, first = 0.0, None
+    timed = {True: [0, 0.0], False: [0, 0.0]}  # warm or not -> [ok images, model seconds]
+    first = None
     progress.start(plan.num_rows, "images", "preview")
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         first = first or time.monotonic()
         for row in batch.to_pylist():
             stats.add_row(row)
-            model_seconds += row["model_seconds"] or 0.0
             if row["status"] == STATUS_OK:
+                timed[row["model_warm"]][0] += 1
+                timed[row["model_warm"]][1] += row["model_seconds"]
                 pairs = np.asarray(row["runner_up_pairs"], dtype=np.int64)
                 np.add.at(counts.reshape(-1), pairs, np.asarray(row["runner_up_counts"], dtype=np.int64))
-                prompts_won.append(len(np.unique(pairs // prompts)))
+                prompts_won.append(row["prompts_won"])
         progress.advance(batch.num_rows)
-    return LabelledSample(stats, counts, prompts_won, model_seconds, time.monotonic() - (first or time.monotonic()))
+    # The rate of batches after each actor's first (which pays its start), if there are any.
+    images, seconds = timed[True] if timed[True][0] else timed[False]
+    return LabelledSample(stats, counts, prompts_won, images, seconds, time.monotonic() - (first or time.monotonic()))
 
 
 def _write(preview: dict[str, Any], stats: LabelStatistics, taxonomy: Taxonomy, plan: pa.Table, spec: JobSpec, output_url: str) -> None:
@@ -229,7 +239,7 @@ def _write(preview: dict[str, Any], stats: LabelStatistics, taxonomy: Taxonomy, 
     input_options = spec.input.model_dump(mode="json")
     page = {
         "preview": preview,
-        "charts": {"class_share": figures.class_share_chart(stats), "kept": figures.kept_classes_chart(stats)},
+        "charts": {"class_share": figures.class_share_chart(stats), "kept": figures.kept_classes_chart(stats, len(taxonomy.prompts))},
         "gallery": gallery(plan_rows, stats.random_sample, colours, list(taxonomy.classes), input_options),
         "spec_json": json.dumps(redact(spec.model_dump(mode="json")), indent=2),
     }

@@ -167,7 +167,7 @@ def build_report(
         "charts": {
             "class_share": figures.class_share_chart(stats),
             "histograms": figures.probability_histograms(stats),
-            "kept": figures.kept_classes_chart(stats),
+            "kept": figures.kept_classes_chart(stats, len(record.get("prompts", classes))),
             "throughput": figures.throughput_chart(stats),
         },
         "least_confident": _gallery(store, stats.least_confident, colours, classes, input_options),

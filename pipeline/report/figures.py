@@ -60,11 +60,12 @@ def probability_histograms(stats: LabelStatistics, top: int = 12) -> str:
     return _data_uri(figure)
 
 
-def kept_classes_chart(stats: LabelStatistics) -> str:
+def kept_classes_chart(stats: LabelStatistics, prompts: int) -> str:
+    """Images per number of prompts early rejection kept (the classes, for a taxonomy without groups)."""
     figure, axis = plt.subplots(figsize=(6, 2.5))
     counts = sorted(stats.kept_counts.items())
     axis.bar([k for k, _ in counts], [v for _, v in counts], color="#54a24b")
-    axis.set_xlabel(f"classes kept by early rejection (of {len(stats.classes)})")
+    axis.set_xlabel(f"prompts kept by early rejection (of {prompts})")
     axis.set_ylabel("images")
     return _data_uri(figure)
 

@@ -106,11 +106,6 @@ def training_taxonomy(spec: TrainSpec, data: LabelledData) -> Taxonomy:
             raise TrainDataError("taxonomy is required unless data.dataset names a prepared benchmark")
         return Taxonomy(tuple(data.dataset.prompts()), tuple(sed_model.IMAGENET_TEMPLATES))
     taxonomy = load_taxonomy(spec.taxonomy)
-    if not taxonomy.is_flat:
-        raise TrainDataError(
-            "taxonomy: training takes one prompt per class; prompt groups and distractors are for labelling "
-            "and evaluation (train on the flat list, then label with the grouped taxonomy)"
-        )
     check_class_count(taxonomy, data, "data")
     return taxonomy
 
@@ -146,8 +141,10 @@ def training_inputs(spec: TrainSpec) -> TrainingInputs:
 def validation_taxonomy(taxonomy: Taxonomy, data: LabelledData) -> Taxonomy:
     """What validation scores in: the training taxonomy, or the benchmark's where its classes group
     those prompts (VOC-20b: the 39 PASCAL-Context prompts are its class "background")."""
-    if data.dataset is not None and data.dataset.taxonomy().prompts == taxonomy.prompts:
-        return data.dataset.taxonomy()
+    if data.dataset is not None:
+        benchmark = data.dataset.taxonomy()
+        if benchmark.prompts == taxonomy.prompts:
+            return benchmark
     return taxonomy
 
 

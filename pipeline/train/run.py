@@ -46,6 +46,7 @@ from ..process import prepare_process
 from ..progress import LogProgress, Progress
 from ..ray_stages import connect_ray, encode_text_once
 from ..storage import OutputStore, filesystem, to_url
+from ..taxonomy import Taxonomy
 from .data import LabelledData, TrainDataError, TrainingInputs, load_batch, training_inputs
 from .tensorboard_log import TensorBoardLog
 from .validation import validate
@@ -125,14 +126,15 @@ def model_to_train(spec: TrainSpec, state: dict[str, Any] | None, device: torch.
     return model.to(device).eval()  # as `load_model` gives it
 
 
-def encode_classes_to_train(spec: TrainSpec, classes: list[str], templates: list[str]) -> torch.Tensor:
-    """The run's class embeddings `(T, P, D)`, from the state's model if the run is resumed."""
+def encode_classes_to_train(spec: TrainSpec, prompts: list[str], templates: list[str]) -> torch.Tensor:
+    """The embeddings `(T, P, D)` of the taxonomy's prompts (its classes, for a taxonomy without
+    groups or distractors), from the state's model if the run is resumed."""
     store = OutputStore(spec.output.url, spec.output.storage_options)
     state = read_training_state(store)
     if state is None:
-        text, _ = encode_taxonomy(spec.model, classes, templates)
+        text, _ = encode_taxonomy(spec.model, prompts, templates)
         return text
-    return model_to_train(spec, state).encode_classes(classes, templates).cpu()
+    return model_to_train(spec, state).encode_classes(prompts, templates).cpu()
 
 
 def restore_training_state(
@@ -189,7 +191,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     prepare_process()
-    text = torch.from_numpy(ray.get(config["text"])).to(device)
+    text = torch.from_numpy(ray.get(config["text"])).to(device)  # one row per prompt
+    taxonomy: Taxonomy = config["taxonomy"]
+    # Prompt groups and distractors: the loss is on the classes the prompts form.
+    prompt_class = None if taxonomy.is_flat else torch.tensor(taxonomy.prompt_class, device=device)
     data: LabelledData = config["data"]
     validation: LabelledData | None = config["validation"]
     store = OutputStore(spec.output.url, spec.output.storage_options)
@@ -208,13 +213,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for iteration in range(start, recipe.iterations):
             images, targets = load_batch(spec, data, iteration, rank, world)
             record = sed_model.train_step(
-                trained, images.to(device), targets.to(device), text, optimizer, schedule, recipe, data.ignore_label, scaler
+                trained, images.to(device), targets.to(device), text, optimizer, schedule, recipe, data.ignore_label, scaler, prompt_class
             )
             _mean_over_workers(record, world, device)
             record["iteration"] = iteration
             done = iteration + 1
             if validation is not None and _due(done, spec.validation.every, recipe.iterations):
-                record.update(validate(model, text, config["taxonomy"], validation, spec.validation.top_k, rank, world))
+                record.update(validate(model, text, taxonomy, validation, spec.validation.top_k, rank, world))
             metrics.append(record)
             board.add(record)
             if rank == 0:
@@ -257,10 +262,10 @@ def _follow(counter: ray.actor.ActorHandle, progress: Progress, start: int, stop
 
 def _fit(spec: TrainSpec, inputs: TrainingInputs, start: int, progress: Progress) -> None:
     """Encode the class texts once, then run the workers on Ray Train until the last iteration."""
-    classes, templates = list(inputs.taxonomy.classes), list(inputs.taxonomy.templates)
+    prompts, templates = list(inputs.taxonomy.prompts), list(inputs.taxonomy.templates)
     owns_ray = connect_ray(spec.ray)
     try:
-        text = encode_text_once(encode_classes_to_train, spec, classes, templates)
+        text = encode_text_once(encode_classes_to_train, spec, prompts, templates)
         counter = IterationCounter.remote(start)
         config = {
             "spec": spec.model_dump(mode="json"),

@@ -15,9 +15,9 @@ def fail_on_poisoned_images() -> None:
 
     label_batch = sed_model.SEDPredictor.label_batch
 
-    def failing_label_batch(self, images):
+    def failing_label_batch(self, images, **options):
         if any(image.shape[-1] == POISONED_WIDTH for image in images):
             raise RuntimeError(f"the model fails on {POISONED_WIDTH}-pixel-wide images")
-        return label_batch(self, images)
+        return label_batch(self, images, **options)
 
     sed_model.SEDPredictor.label_batch = failing_label_batch

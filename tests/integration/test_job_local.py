@@ -192,6 +192,7 @@ def test_a_grouped_taxonomy_with_distractors_speaks_in_output_classes(tmp_path, 
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == classes
 
     prompts = [wall, bed, drawers, sky, person, light]
+    assert record["prompts"] == prompts  # what kept_classes index
     prompt_class = np.array([0, 0, 0, 1, 2, 65535])  # the distractor's pixels: unlabeled
     text = reference["text_features"][[list(reference["classes"]).index(p) for p in prompts]]
     model, _ = load_model(spec.model)

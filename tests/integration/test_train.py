@@ -31,7 +31,7 @@ from pipeline.train.run import (
     save_training_state,
 )
 from pipeline.train.data import TrainDataError, labelled_data, load_batch
-from schemas import TrainSpec
+from schemas import TaxonomySpec, TrainSpec
 from tests.helpers import TINY_CHECKPOINT
 
 from .processes import pids_titled, run_in_thread, wait_for
@@ -265,3 +265,23 @@ def test_unreadable_training_data_stops_the_run_at_once(reference, tmp_path, loc
     with pytest.raises(TrainDataError, match=r"cannot read image .*img1\.jpg"):
         run_training(spec)
     assert "starting them again" not in caplog.text
+
+
+def test_a_grouped_taxonomy_trains_the_classes_its_prompts_form(reference, tmp_path, local_ray):
+    """The workers' loss is on the classes: a group's logit is its best prompt's, the distractor is
+    left out; the logged first loss equals that loss computed here with the initial weights."""
+    write_pairs(tmp_path / "data")
+    spec = train_spec(reference, tmp_path / "data", tmp_path / "out", iterations=2)
+    grouped = TaxonomySpec(classes=["sky", {"name": "tree", "prompts": ["tree", "bush"]}, "road"], distractors=["wall"])
+    spec = spec.model_copy(update={"taxonomy": grouped, "scaling": spec.scaling.model_copy(update={"num_workers": 1})})
+    summary = run_training(spec)
+    metrics = [json.loads(line) for line in Path(spec.output.url, "metrics.jsonl").read_text().splitlines()]
+    model, _ = load_model(spec.model)
+    text, _ = encode_taxonomy(spec.model, ["sky", "tree", "bush", "road", "wall"], list(sed_model.IMAGENET_TEMPLATES))
+    images, targets = load_batch(spec, labelled_data(spec.data), iteration=0, rank=0, world=1)
+    model.train()
+    with torch.no_grad():
+        logits = [sed_model.class_logits(output, torch.tensor([0, 1, 1, 2, -1]), 3) for output in model(images, text)]
+        expected = float(sum(sed_model.sed_loss(logits, targets).values()))
+    assert metrics[0]["loss"] == pytest.approx(expected, rel=2e-5)
+    assert summary.validation["val_images"] == 2 and 0 <= summary.validation["val_mIoU"] <= 100

@@ -138,6 +138,17 @@ def test_taxonomy_from_a_text_file(tmp_path):
     assert result.exit_code == 0 and "3 classes" in result.output, result.output
 
 
+@pytest.mark.parametrize("inside", ["", "preview", "file://{out}/sub"])
+def test_preview_never_writes_into_the_jobs_output(tmp_path, inside):
+    spec = demo_spec(tmp_path)
+    out = spec["output"]["url"]
+    output = inside.format(out=out) if "://" in inside else f"{out}/{inside}" if inside else out
+    result = runner.invoke(app, ["preview", str(write_spec(tmp_path, spec)), "--output", output])
+    words = " ".join(result.output.replace("│", " ").split())  # the message is boxed and wrapped
+    assert result.exit_code == 2 and "a preview never writes there" in words, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_validate_shows_the_taxonomy_structure_and_refuses_a_prompt_used_twice(tmp_path):
     spec = demo_spec(tmp_path)
     spec["taxonomy"]["classes"] = ["sky", {"name": "vegetation", "prompts": ["tree", "bush", "grass"]}, "road"]

@@ -144,3 +144,40 @@ def test_precision_resolution_and_the_scaler_rule(reference):
             model, torch.stack(reference["train_images"]), reference["train_target"], reference["text_features"],
             optimizer, sed_model.build_schedule(optimizer, recipe), recipe,
         )
+
+
+def test_class_logits_take_each_groups_best_prompt_and_leave_distractors_out():
+    logits = torch.tensor([1.0, 3.0, -2.0, 0.5, 9.0]).view(1, 5, 1, 1).repeat(2, 1, 2, 3).requires_grad_()
+    prompt_class = torch.tensor([0, 0, 1, 2, -1])  # prompts 0, 1 form class 0; prompt 4 is a distractor
+    grouped = sed_model.class_logits(logits, prompt_class, 3)
+    assert grouped.shape == (2, 3, 2, 3)
+    assert grouped[0, :, 0, 0].tolist() == [3.0, -2.0, 0.5]
+    grouped.sum().backward()
+    # The gradient reaches the prompt that wins each pixel, never the loser nor the distractor.
+    assert logits.grad[0, :, 0, 0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_train_step_on_prompts_trains_the_classes_they_form(reference):
+    """One prompt per class: the same step as without `prompt_class`. Groups: the loss of the classes."""
+    images = torch.stack(reference["train_images"])
+    targets = reference["train_target"]
+    text = reference["text_features"]
+    recipe = Recipe(lr=1e-3, iterations=10)
+    records = []
+    for prompt_class in (None, torch.arange(text.shape[0])):
+        torch.manual_seed(0)
+        model = small_tiny_model(reference)
+        optimizer = sed_model.build_optimizer(model, recipe)
+        schedule = sed_model.build_schedule(optimizer, recipe)
+        records.append(sed_model.train_step(model, images, targets, text, optimizer, schedule, recipe, prompt_class=prompt_class))
+    assert records[0]["loss"] == pytest.approx(records[1]["loss"], rel=1e-6)
+
+    # A second copy of every prompt, grouped with it, and a distractor: the same classes, the same loss.
+    doubled = torch.cat([text, text, text[:1]])
+    prompt_class = torch.cat([torch.arange(text.shape[0]), torch.arange(text.shape[0]), torch.tensor([-1])])
+    torch.manual_seed(0)
+    model = small_tiny_model(reference)
+    optimizer = sed_model.build_optimizer(model, recipe)
+    schedule = sed_model.build_schedule(optimizer, recipe)
+    grouped = sed_model.train_step(model, images, targets, doubled, optimizer, schedule, recipe, prompt_class=prompt_class)
+    assert grouped["loss"] == pytest.approx(records[0]["loss"], rel=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.evaluate.benchmark import paper_row, summary_lines
@@ -33,7 +34,7 @@ def test_score_counts_voc20b_background_prompts_as_background_and_reports_bad_gr
     # Prompt 45 (a PASCAL-Context name in VOC-20b's group "background") must count as class 20,
     # as the paper's VOC-20b protocol merges every prompt past the 20 VOC classes into background.
     prompts = np.array([[45, 20, 3], [7, 0, 0]])
-    prediction = get_dataset("voc20b").taxonomy().output_array(prompts, unlabeled=21).astype(np.uint16)
+    prediction = get_dataset("voc20b").taxonomy().output_labels(torch.from_numpy(prompts), unlabeled=21).numpy().astype(np.uint16)
     np.testing.assert_array_equal(prediction, np.minimum(prompts, 20))
     batch = batch_of([prediction, np.zeros((2, 3), np.uint16), np.zeros((2, 3), np.uint16), np.zeros((1, 1), np.uint16)], ["ok", "ok", "ok", "error"])
     urls = [str(tmp_path / name) for name in ("a.png", "b.png", "c.png", "d.png")]

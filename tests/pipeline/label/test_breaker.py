@@ -17,7 +17,7 @@ def rows(start: int, count: int, error: str | None = None) -> pa.Table:
         {
             "image_id": ids,
             "status": ["ok" if error is None else "error"] * count,
-            "error": [None if error is None else error.format(i) for i in ids],
+            "error": pa.array([None if error is None else error.format(i) for i in ids], pa.string()),
         }
     )
 
@@ -70,9 +70,17 @@ def test_the_window_forgets_old_rows():
 
 def test_errors_that_scroll_out_of_the_window_no_longer_count():
     breaker = ErrorBreaker(ErrorBreakerSpec(window=64))
-    breaker.observe(rows(0, 40, NOT_FOUND))  # tripping now; the job would have stopped
-    breaker.observe(rows(40, 64))
-    assert breaker.tripped() is None
+    for start in (0, 200):
+        breaker.observe(rows(start, 64))
+        breaker.observe(rows(start + 64, 30, NOT_FOUND))  # 30 of the last 64, twice: 60 in all
+    assert breaker.tripped() is None and breaker.tripped(final=True) is None
+
+
+def test_rows_are_judged_one_by_one_even_in_a_batch_longer_than_the_window():
+    breaker = ErrorBreaker(ErrorBreakerSpec(window=64))
+    batch = pa.concat_tables([rows(0, 100), rows(100, 40, NOT_FOUND), rows(140, 200)])
+    breaker.observe(batch)  # 40 of 64 at row 140; the batch ends with 64 ok rows in the window
+    assert '"not found" on 33 of the last 64 images' in breaker.tripped()
 
 
 def test_a_run_shorter_than_min_images_is_judged_at_its_end():
@@ -85,11 +93,12 @@ def test_a_run_shorter_than_min_images_is_judged_at_its_end():
 
 def test_each_reason_is_judged_on_its_own_and_the_tripping_one_is_named():
     breaker = ErrorBreaker(ErrorBreakerSpec())
-    breaker.observe(rows(0, 20, NOT_FOUND))
-    breaker.observe(rows(20, 20, "access denied: s3://in/{}: PermissionError: no"))
-    assert breaker.tripped() is None  # every row failed, but neither reason takes more than half
-    breaker.observe(rows(40, 10, "access denied: s3://in/{}: PermissionError: no"))
-    assert breaker.tripped().startswith('"access denied" on 30 of the last 50')
+    denied = "access denied: s3://in/{}: PermissionError: no"
+    for i in range(0, 60, 3):  # two thirds of the rows fail, but no one reason takes more than half
+        breaker.observe(pa.concat_tables([rows(i, 1, NOT_FOUND), rows(i + 1, 1, denied), rows(i + 2, 1)]))
+    assert breaker.tripped() is None
+    breaker.observe(rows(60, 30, denied))
+    assert breaker.tripped().startswith('"access denied" on 41 of the last 81')
 
 
 def test_off_when_the_spec_says_null():

@@ -25,7 +25,7 @@ from pipeline.label.run import _merges_coco, merge_coco
 from pipeline.label.coco import coco_images_and_annotations
 from pipeline.label.writers import ShardWriter
 from pipeline.storage import StorageError
-from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_table
+from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_parquet, read_labels_table
 
 CLASSES = ["sky", "tree", "road"]
 
@@ -429,3 +429,33 @@ def test_labels_of_schema_version_1_read_as_the_current_version(tmp_path):
     assert ok["schema_version"] == LABELS_SCHEMA_VERSION
     with pytest.raises(ValueError, match="version 9 is not readable"):
         read_labels_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"9"}))
+
+
+def test_a_version_1_file_reads_any_columns_asked_for(tmp_path):
+    batch, _ = model_output()
+    current = encode_labels(batch, len(CLASSES), "tax", "ckpt").drop_columns(list(WORK_COLUMNS)).cast(LABELS_SCHEMA)
+    entries = current.column("labels").combine_chunks()
+    old_entry = pa.struct([f for f in entries.type.value_type if f.name != "top_prompt"])
+    values = entries.values
+    old_labels = pa.ListArray.from_arrays(
+        entries.offsets, pa.StructArray.from_arrays([values.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
+    )
+    version_1 = current.drop_columns(["distractor_area"]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    sink = pa.BufferOutputStream()
+    pq.write_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"}), sink)
+    data = sink.getvalue().to_pybytes()
+    assert read_labels_parquet(data, columns=["distractor_area", "status"]).to_pylist() == [
+        {"distractor_area": 0, "status": STATUS_OK},
+        {"distractor_area": None, "status": STATUS_ERROR},
+    ]
+    assert read_labels_parquet(data, columns=["unlabeled_area"]).column_names == ["unlabeled_area"]
+    assert [l["top_prompt"] for l in read_labels_parquet(data, columns=["labels"]).column("labels")[0].as_py()] == [None, None]
+
+
+def test_urls_lose_their_credentials_and_signatures():
+    from pipeline.label.commit import redact_url
+
+    assert redact_url("https://user:secret@host:8080/a/b.jpg?X-Amz-Signature=abc") == "https://***@host:8080/a/b.jpg?***"
+    assert redact_url("s3://bucket/prefix/") == "s3://bucket/prefix/"
+    assert redact_url("http://host:9000/a?sig=1") == "http://host:9000/a?***"
+    assert redact_url("/local/path") == "/local/path"

@@ -105,16 +105,12 @@ def test_a_taxonomy_must_match_the_benchmarks_class_count(tmp_path):
         training_taxonomy(spec, labelled_data(spec.data))
 
 
-@pytest.mark.parametrize(
-    "taxonomy",
-    [{"classes": ["sky", {"name": "green", "prompts": ["tree", "grass"]}]}, {"classes": ["sky", "tree"], "distractors": ["wall"]}],
-)
-def test_training_takes_one_prompt_per_class(tmp_path, taxonomy):
+def test_a_grouped_taxonomy_names_the_label_ids_by_its_classes(tmp_path):
     write_folder(tmp_path / "data")
     spec = spec_for({"url": str(tmp_path / "data")}, ["sky", "tree"])
-    spec = spec.model_copy(update={"taxonomy": TaxonomySpec(**taxonomy)})
-    with pytest.raises(TrainDataError, match="training takes one prompt per class"):
-        training_taxonomy(spec, labelled_data(spec.data))
+    grouped = TaxonomySpec(classes=["sky", {"name": "green", "prompts": ["tree", "grass"]}], distractors=["wall"])
+    taxonomy = training_taxonomy(spec.model_copy(update={"taxonomy": grouped}), labelled_data(spec.data))
+    assert taxonomy.classes == ("sky", "green") and taxonomy.prompt_class == (0, 1, 1, -1)
 
 
 def test_validation_on_voc20b_scores_its_background_prompts_as_background():
