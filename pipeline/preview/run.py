@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
 
 from schemas import STATUS_OK, JobSpec
 
@@ -150,7 +150,7 @@ def run_preview(spec: JobSpec, output_url: str, settings: PreviewSettings = Prev
         refs = list_images(spec.input)
         chosen = [refs[i] for i in sample_indices(len(refs), settings.sample)]
         plan = plan_shards(chosen, shard_size=len(chosen))
-        progress.note(f"preview: {len(chosen)} of the {len(refs)} images of {spec.input.url}, spread over the listing")
+        progress.note(f"preview: {len(chosen)} of the {len(refs)} images of {redact_url(spec.input.url)}, spread over the listing")
         sampled = _label_sample(spec, taxonomy, text_features, checkpoint_hash, plan, progress)
     finally:
         if owns_ray:
@@ -243,7 +243,9 @@ def _write(preview: dict[str, Any], stats: LabelStatistics, taxonomy: Taxonomy, 
         "gallery": gallery(plan_rows, stats.random_sample, colours, list(taxonomy.classes), input_options),
         "spec_json": json.dumps(redact(spec.model_dump(mode="json")), indent=2),
     }
-    environment = Environment(loader=PackageLoader("pipeline.preview", "templates"), autoescape=select_autoescape(["html"]))
+    # The report's templates too: the pages share their style and gallery (`page.html`).
+    loader = ChoiceLoader([PackageLoader("pipeline.preview", "templates"), PackageLoader("pipeline.report", "templates")])
+    environment = Environment(loader=loader, autoescape=select_autoescape(["html"]))
     environment.filters["duration"] = duration
     html = environment.get_template("preview.html").render(**page)
     store = OutputStore(output_url)

@@ -132,6 +132,19 @@ class TagAttributes(HTMLParser):
         self.attributes.append((tag, dict(attrs)))
 
 
+def assert_self_contained_without_script(html: str) -> int:
+    """A page that runs no script and loads nothing: no script tags, no `on*` handlers, every
+    `src`/`href` a data URI. Returns how many JPEG images it embeds (the galleries)."""
+    parser = TagAttributes()
+    parser.feed(html)
+    for tag, attributes in parser.attributes:
+        assert not any(name.startswith("on") for name in attributes), (tag, attributes)
+        assert tag != "script"
+        for name in ("src", "href"):
+            assert not attributes.get(name) or attributes[name].startswith("data:"), (tag, attributes)
+    return sum(tag == "img" and a.get("src", "").startswith("data:image/jpeg") for tag, a in parser.attributes)
+
+
 def render_in_chromium(page: Path, folder: Path) -> tuple[str, list[str]]:
     """Render `page` in headless Chromium: its DOM after rendering, and the console's errors.
     A screenshot of it must hold pixels (the page drew)."""

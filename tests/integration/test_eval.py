@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,14 +52,20 @@ def independent_metrics(predictions: list[np.ndarray], truths: list[np.ndarray],
     return 100 * float(np.mean(ious)), 100 * float((prediction == truth)[valid].mean())
 
 
+def voc_raw_folder(root: Path) -> Path:
+    """An empty VOC2012 download's layout (images, augmented labels, the split's list)."""
+    raw = root / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (raw / folder).mkdir(parents=True)
+    return raw
+
+
 @pytest.fixture(scope="module")
 def voc20_and_labels(tmp_path_factory, reference, tiny_pooling1):
     """Images 0 and 1: the ground truth is the model's own labels on the top half and noise below,
     so IoUs are neither 0 nor 100. Image 2 is a truncated JPEG; image 3 lies past --limit."""
     root = tmp_path_factory.mktemp("eval")
-    raw = root / "VOC2012"
-    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (raw / folder).mkdir(parents=True)
+    raw = voc_raw_folder(root)
     predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=TOP_K)
     predictor.set_taxonomy(get_dataset("voc20").prompts())
     rng = np.random.default_rng(0)
@@ -121,9 +128,7 @@ def test_eval_of_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
 
 
 def test_voc20b_through_its_prompt_group_equals_the_papers_background_merge(tmp_path, reference, tiny_pooling1):
-    raw = tmp_path / "VOC2012"
-    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (raw / folder).mkdir(parents=True)
+    raw = voc_raw_folder(tmp_path)
     predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=TOP_K)
     predictor.set_taxonomy(get_dataset("voc20b").prompts())
     rng = np.random.default_rng(1)
