@@ -27,7 +27,7 @@ from pipeline.sources import InputError
 from pipeline.storage import StorageError, filesystem
 from pipeline.taxonomy import Taxonomy
 from pipeline.train import TrainDataError, run_training, training_inputs
-from schemas import ModelSpec, RaySpec
+from schemas import JobSpec, ModelSpec, RaySpec
 
 from .console import LIBRARY_LOG_LEVELS, Session, session
 from .spec import SpecError, is_train_spec, load_job_spec, load_train_spec
@@ -87,6 +87,14 @@ def _options(text: str | None, name: str) -> dict[str, Any]:
     return value
 
 
+def _prepare_job(current: Session, spec: JobSpec, check_output: bool = True) -> None:
+    """This process's settings, and the job spec checked before any work (`preflight`)."""
+    prepare_process()
+    preflight(spec, check_output=check_output)
+    if spec.model.weights is None:
+        current.say("note: model.weights is null: random weights, so the labels are meaningless (demo)")
+
+
 def _print_summary(summary: JobSummary, log_path: str) -> None:
     typer.echo(
         f"{summary.images} images: {summary.ok} ok, {summary.errors} errors; "
@@ -112,10 +120,7 @@ def run(
     spec = _load(load_job_spec, job)
     with session("run", spec.output.url, spec.output.storage_options, verbose, debug, log_level) as current:
         try:
-            prepare_process()
-            preflight(spec)
-            if spec.model.weights is None:
-                current.say("note: model.weights is null: random weights, so the labels are meaningless (demo)")
+            _prepare_job(current, spec)
             summary = run_job(spec, overwrite=overwrite, progress=current.progress)
         except Exception as exc:
             _fail(current, exc)
@@ -143,11 +148,8 @@ def preview(
         raise typer.BadParameter(f"--output {output!r} is inside the job's output folder or holds it: a preview never writes there")
     with session("preview", output_url, {}, verbose, debug, log_level) as current:
         try:
-            prepare_process()
-            preflight(spec, check_output=False)
+            _prepare_job(current, spec, check_output=False)
             check_writable("--output", output_url, {})
-            if spec.model.weights is None:
-                current.say("note: model.weights is null: random weights, so the labels are meaningless (demo)")
             settings = PreviewSettings(sample=sample, similarity=similarity, gpu_hour_cost=gpu_hour_cost)
             result = run_preview(spec, output_url, settings, progress=current.progress)
         except Exception as exc:

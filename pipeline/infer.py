@@ -83,19 +83,10 @@ class SEDInference:
         if self.statistics and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the model's time includes its last kernels
         seconds = (time.perf_counter() - started) / max(len(ok), 1)
-        warm = self.batches_labelled > 0  # an actor's first batch also pays its start (lazy initialisation)
-        self.batches_labelled += 1
-        pairs, pair_counts = np.empty(n, dtype=object), np.empty(n, dtype=object)
-        prompts_won = np.zeros(n, dtype=np.int64)
-        for i in range(n):
-            pairs[i] = pair_counts[i] = np.zeros(0, np.int64)
         for i, result in zip(ok, results):
             if isinstance(result, Exception):
                 status[i], error[i] = STATUS_ERROR, inference_error_message(result)
                 continue
-            if self.statistics:
-                pairs[i], pair_counts[i] = self._runner_up_pairs(result)
-                prompts_won[i] = int(result.labels.unique().numel())
             summary = self._summarise(result)
             label_maps[i], class_ids[i], mean_probs[i], max_probs[i], prompts, unlabeled[i], distractor[i] = summary
             top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
@@ -120,15 +111,31 @@ class SEDInference:
             unlabeled_area=unlabeled,
             distractor_area=distractor,
         )
-        if self.statistics:  # for `sed-label preview`: the model's time, and who came second where
-            out.update(
-                model_seconds=np.array([seconds if status[i] == STATUS_OK else 0.0 for i in range(n)]),
-                model_warm=np.full(n, warm),
-                runner_up_pairs=pairs,
-                runner_up_counts=pair_counts,
-                prompts_won=prompts_won,
-            )
+        if self.statistics:
+            out.update(self._preview_statistics(dict(zip(ok, results)), status, seconds))
         return out
+
+    def _preview_statistics(self, results: dict[int, Any], status: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
+        """What `sed-label preview` measures besides the labels: the model's time per image (and
+        whether this actor had labelled a batch before: its first also pays its start), the pixels
+        per (best, runner-up) prompt pair, and how many prompts won some pixel."""
+        n = len(status)
+        pairs, pair_counts = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        prompts_won = np.zeros(n, dtype=np.int64)
+        for i in range(n):
+            pairs[i] = pair_counts[i] = np.zeros(0, np.int64)
+            if status[i] == STATUS_OK:
+                pairs[i], pair_counts[i] = self._runner_up_pairs(results[i])
+                prompts_won[i] = int(results[i].labels.unique().numel())
+        warm = self.batches_labelled > 0
+        self.batches_labelled += 1
+        return {
+            "model_seconds": np.where(status == STATUS_OK, seconds, 0.0),
+            "model_warm": np.full(n, warm),
+            "runner_up_pairs": pairs,
+            "runner_up_counts": pair_counts,
+            "prompts_won": prompts_won,
+        }
 
     def _label(self, images: list[torch.Tensor]) -> list[sed_model.model.Labeling | Exception]:
         """Label the batch; if the batch fails, each image alone, so one bad image costs one row."""

@@ -40,7 +40,7 @@ def test_score_counts_voc20b_background_prompts_as_background_and_reports_bad_gr
     urls = [str(tmp_path / name) for name in ("a.png", "b.png", "c.png", "d.png")]
     rows = score_labels(batch, urls, CLASSES, ignore_label=255, storage_options={})
     assert list(rows["status"]) == ["error" if i else "ok" for i in range(4)]
-    assert "is 3x3, its image 3x2" in rows["error"][1]
+    assert rows["error"][1].startswith("ground truth mismatch: ") and "is 3x3, its image 3x2" in rows["error"][1]
     assert "ground truth unreadable" in rows["error"][2]
     assert rows["error"][3] == "decode failed"
     # By hand (rows: prediction, columns: ground truth; 21 = unlabeled / ignored):
