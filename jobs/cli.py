@@ -23,6 +23,7 @@ from pipeline.preview import PREVIEW_HTML, PreviewSettings, run_preview
 from pipeline.preview.run import DEFAULT_SAMPLE, DEFAULT_SIMILARITY, duration
 from pipeline.process import prepare_process
 from pipeline.report import REPORT_HTML, ReportError, build_report
+from pipeline.review import GROUND_TRUTH_MANIFEST, TRAIN_SPEC, ExportSettings, ImportSettings, ReviewError, Selection, export_review, import_review
 from pipeline.sources import InputError
 from pipeline.storage import StorageError, filesystem
 from pipeline.taxonomy import Taxonomy
@@ -34,6 +35,10 @@ from .spec import SpecError, is_train_spec, load_job_spec, load_train_spec
 from .submit import submit_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic-segmentation pseudo-labels with SED on Ray.")
+review_app = typer.Typer(
+    no_args_is_help=True, help="Review a job's least certain images in Label Studio or CVAT; bring the corrections back as ground truth."
+)
+app.add_typer(review_app, name="review")
 
 # Errors of the user's input or environment whose message says everything: no traceback needed.
 EXPECTED_ERRORS = (
@@ -47,6 +52,7 @@ EXPECTED_ERRORS = (
     DatasetError,
     BenchmarkError,
     ReportError,
+    ReviewError,
     sed_model.TaxonomyError,
     sed_model.CheckpointError,
 )
@@ -296,6 +302,76 @@ def report(
         metrics = result["ground_truth"]["metrics"]
         typer.echo(f"ground truth ({result['ground_truth']['images']} images): mIoU {metrics['mIoU']:.2f}, pACC {metrics['pACC']:.2f}")
     typer.echo(f"report: {output_url.rstrip('/')}/{REPORT_HTML}")
+
+
+@review_app.command("export")
+def review_export(
+    output_url: str = typer.Argument(..., help="a finished (or partly finished) job's output folder"),
+    to: str = typer.Option(..., "--to", help="label-studio or cvat"),
+    select: str = typer.Option("least-confident:200", help="least-confident:N, random:N or ids:FILE (one image id per line)"),
+    dest: str = typer.Option(..., help="folder (any fsspec URL) for the tool's files"),
+    copy_images: bool = typer.Option(False, help="copy the chosen images into DEST/images/ (needed for images in tar or Parquet files)"),
+    local_files_root: str = typer.Option(None, help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for local images"),
+    seed: int = typer.Option(0, help="seed of random:N"),
+    storage_options: str = typer.Option(None, help="fsspec options for the job's output, as JSON"),
+    input_storage_options: str = typer.Option(None, help="fsspec options for reading the source images, as JSON"),
+    dest_storage_options: str = typer.Option(None, help="fsspec options for DEST, as JSON"),
+    debug: Debug = False,
+) -> None:
+    """Pre-annotations of a job's chosen images for Label Studio or CVAT (docs/review.md)."""
+    options = _options(storage_options, "--storage-options")
+    with session("review export", debug=debug, log_file=False) as current:
+        try:
+            settings = ExportSettings(
+                to, Selection.parse(select, seed), dest, _options(dest_storage_options, "--dest-storage-options"),
+                _options(input_storage_options, "--input-storage-options"), copy_images, local_files_root,
+            )
+            manifest = export_review(output_url, options, settings)
+        except Exception as exc:
+            _fail(current, exc)
+    margins = [image["mean_margin"] for image in manifest["images"] if image["mean_margin"] is not None]
+    spread = f"; mean margin {min(margins):.3f} to {max(margins):.3f}" if margins else ""
+    typer.echo(f"{len(manifest['images'])} images ({manifest['selection']}) exported for {to}{spread}")
+    for note in manifest["notes"]:
+        typer.echo(f"note: {note}")
+    files = "label_config.xml, project.json, tasks.json" if to == "label-studio" else "annotations.xml"
+    typer.echo(f"files: {dest.rstrip('/')}/ ({files}, review.json); next steps: docs/review.md")
+
+
+@review_app.command("import")
+def review_import(
+    export: str = typer.Argument(..., help="the tool's export: Label Studio's JSON export, or CVAT's Segmentation mask 1.1 zip or folder"),
+    from_: str = typer.Option(..., "--from", help="label-studio or cvat"),
+    job: str = typer.Option(..., help="the job's output folder the review was exported from"),
+    output: str = typer.Option(..., help="folder (any fsspec URL) for the ground truth: labels/, images/, train.yaml, review.json"),
+    unpainted: str = typer.Option("ignore", help="what unpainted pixels become: ignore (unlabeled) or a class name"),
+    reviewer: str = typer.Option(None, help="who reviewed (CVAT's exports do not say)"),
+    storage_options: str = typer.Option(None, help="fsspec options for the job's output, as JSON"),
+    input_storage_options: str = typer.Option(None, help="fsspec options for reading the source images, as JSON"),
+    output_storage_options: str = typer.Option(None, help="fsspec options for --output, as JSON"),
+    debug: Debug = False,
+) -> None:
+    """Corrections from Label Studio or CVAT -> ground-truth label maps, images and a fine-tuning spec."""
+    with session("review import", debug=debug, log_file=False) as current:
+        try:
+            settings = ImportSettings(
+                from_, job, output, _options(storage_options, "--storage-options"), _options(output_storage_options, "--output-storage-options"),
+                _options(input_storage_options, "--input-storage-options"), unpainted, reviewer,
+            )
+            if _overlaps(output, job, settings.job_storage_options):
+                raise ReviewError(f"--output {output} is inside the job's output {job}: give a folder of its own")
+            manifest = import_review(export, settings)
+        except Exception as exc:
+            _fail(current, exc)
+    images = manifest["images"]
+    overlaps = sum(image["overlap_pixels"] for image in images)
+    typer.echo(f"{len(images)} reviewed images imported from {from_}" + (f"; {overlaps} pixels painted twice (the later region kept)" if overlaps else ""))
+    if manifest.get("tasks_not_annotated"):
+        typer.echo(f"{len(manifest['tasks_not_annotated'])} tasks had no annotation and were left out")
+    root = output.rstrip("/")
+    typer.echo(f"ground truth: {root}/labels/ (with images/ and {GROUND_TRUTH_MANIFEST})")
+    typer.echo(f"agreement:  sed-label report {job} --ground-truth {root}/labels")
+    typer.echo(f"fine-tune:  sed-label train {root}/{TRAIN_SPEC}")
 
 
 @app.command()

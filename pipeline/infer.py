@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import sed_model
-from schemas import INFERENCE_FAILED, OUT_OF_MEMORY, STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
+from schemas import INFERENCE_FAILED, LOW_MARGIN, MARGIN_PNG_SCALE, OUT_OF_MEMORY, STATUS_ERROR, STATUS_OK, InferenceSpec, ModelSpec
 
 from .model_loading import load_model, resolve_device
 from .process import prepare_process
@@ -40,6 +40,7 @@ class SEDInference:
         text_features: np.ndarray | Callable[[], np.ndarray],
         checkpoint_hash: str,
         statistics: bool = False,
+        margin_maps: bool = False,
     ) -> None:
         self.model_spec = ModelSpec(**model)
         self.settings = InferenceSpec(**inference)
@@ -61,6 +62,8 @@ class SEDInference:
         self.taxonomy = taxonomy
         self.num_classes = len(taxonomy.classes)
         self.statistics = statistics
+        self.margin_maps = margin_maps
+        self.class_groups = taxonomy.prompt_groups()
         self.device = device
         self.batches_labelled = 0
         # The prompts of each output class that has several: the row names the one that won most pixels.
@@ -77,6 +80,8 @@ class SEDInference:
         label_maps = np.empty(n, dtype=object)
         class_ids, mean_probs, max_probs, kept, top_prompts = (np.empty(n, dtype=object) for _ in range(5))
         unlabeled, distractor = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        mean_margin, low_margin_share = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        margin_maps = np.empty(n, dtype=object)
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         started = time.perf_counter()
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
@@ -89,6 +94,7 @@ class SEDInference:
                 continue
             summary = self._summarise(result)
             label_maps[i], class_ids[i], mean_probs[i], max_probs[i], prompts, unlabeled[i], distractor[i] = summary
+            mean_margin[i], low_margin_share[i], margin_maps[i] = self._uncertainty(result)
             top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
             kept[i] = result.kept.cpu().numpy().astype(np.int32)
         for i in range(n):
@@ -98,6 +104,7 @@ class SEDInference:
                 mean_probs[i] = max_probs[i] = np.zeros(0, np.float32)
                 kept[i] = np.zeros(0, np.int32)
                 top_prompts[i] = "[]"
+                margin_maps[i] = None
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(
             status=status,
@@ -110,7 +117,11 @@ class SEDInference:
             kept_classes=kept,
             unlabeled_area=unlabeled,
             distractor_area=distractor,
+            mean_margin=mean_margin,
+            low_margin_share=low_margin_share,
         )
+        if self.margin_maps:
+            out["margin_map"] = margin_maps
         if self.statistics:
             out.update(self._preview_statistics(dict(zip(ok, results)), status, seconds))
         return out
@@ -142,12 +153,12 @@ class SEDInference:
         if not images:
             return []
         try:
-            return list(self.predictor.label_batch(images, runner_up=self.statistics))
+            return list(self.predictor.label_batch(images, runner_up=self.statistics, class_groups=self.class_groups, margins=True))
         except Exception:  # retried image by image below; each failure is kept as that image's reason
             results: list[sed_model.model.Labeling | Exception] = []
             for image in images:
                 try:
-                    results.append(self.predictor.label_batch([image], runner_up=self.statistics)[0])
+                    results.append(self.predictor.label_batch([image], runner_up=self.statistics, class_groups=self.class_groups, margins=True)[0])
                 except Exception as exc:
                     results.append(exc)
             return results
@@ -161,6 +172,13 @@ class SEDInference:
         counts = torch.bincount(flat, minlength=prompts * prompts)
         pairs = counts.nonzero().flatten()
         return pairs.numpy().astype(np.int64), counts[pairs].numpy().astype(np.int64)
+
+    def _uncertainty(self, labeling: sed_model.model.Labeling) -> tuple[float, float, np.ndarray | None]:
+        """The image's mean margin (best class's probability minus the best other class's, 0 where
+        there is none), its share of pixels under `LOW_MARGIN`, and the quantised margin map if asked."""
+        margin = labeling.margin.float()
+        quantised = (margin.clamp(0, 1) * MARGIN_PNG_SCALE).round().to(torch.uint8).cpu().numpy() if self.margin_maps else None
+        return float(margin.mean()), float((margin < LOW_MARGIN).float().mean()), quantised
 
     def _summarise(self, labeling: sed_model.model.Labeling) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None], int, int]:
         """A labelling in prompts -> its label map and statistics in output classes.

@@ -133,12 +133,14 @@ def model_stage(
     checkpoint_hash: str,
     ray_spec: RaySpec,
     statistics: bool = False,
+    margin_maps: bool = False,
 ) -> ray.data.Dataset:
     """Decoded images -> label maps and per-class statistics in the taxonomy's output classes, by
     SED (scoring its prompts) on an actor pool.
 
     The prompts' text embeddings go to the object store once; each actor fetches them when it starts.
-    `statistics` adds what `sed-label preview` measures (`SEDInference`).
+    `statistics` adds what `sed-label preview` measures, `margin_maps` each image's quantised margin
+    map (format `confidence`; `SEDInference`).
     """
     text_ref = ray.put(text_features)
     return images.map_batches(
@@ -150,6 +152,7 @@ def model_stage(
             "text_features": functools.partial(ray.get, text_ref),
             "checkpoint_hash": checkpoint_hash,
             "statistics": statistics,
+            "margin_maps": margin_maps,
         },
         batch_size=inference.batch_size,
         batch_format="numpy",

@@ -83,6 +83,15 @@ class Taxonomy:
             "distractors": list(self.distractors),
         }
 
+    def prompt_groups(self) -> torch.Tensor | None:
+        """Per prompt, the concept it stands for (its output class; each distractor its own), for the
+        model's runner-up (`label_batch(class_groups=)`); None for a flat taxonomy (prompts are classes)."""
+        if self.is_flat:
+            return None
+        n = len(self.classes)
+        distractor_ids = iter(range(n, n + len(self.prompts)))
+        return torch.tensor([next(distractor_ids) if c == DISTRACTOR else c for c in self.prompt_class])
+
     def output_labels(self, prompt_labels: torch.Tensor, unlabeled: int) -> torch.Tensor:
         """Per-pixel best-prompt indices -> output class indices (`unlabeled` where a distractor won)."""
         if self.is_flat:

@@ -159,7 +159,11 @@ class InferenceSpec(_Spec):
 
 class OutputSpec(_Spec):
     url: str = Field(description="fsspec URL of the output folder")
-    formats: list[Literal["parquet", "coco", "png"]] = Field(default_factory=lambda: ["parquet", "coco"])
+    formats: list[Literal["parquet", "coco", "png", "confidence"]] = Field(
+        default_factory=lambda: ["parquet", "coco"],
+        description="parquet (always: the record), coco, png (label maps), confidence (uint8 PNGs of each pixel's margin "
+        "between its best two classes, x255)",
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict)
     merge_coco: Literal["auto"] | bool = Field(
         "auto",

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-LABELS_SCHEMA_VERSION = 2
+LABELS_SCHEMA_VERSION = 3
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -25,6 +25,15 @@ IMAGE_ERROR_REASONS = frozenset(
 # a job stops when one of them takes too many rows (`JobSpec.error_breaker`).
 NOT_FOUND, ACCESS_DENIED, READ_FAILED = "not found", "access denied", "read failed"
 OUT_OF_MEMORY, INFERENCE_FAILED = "out of memory", "inference failed"
+
+
+# Uncertainty: a pixel's margin is its best class's probability minus that of the best other class
+# (prompts of one group are one class; 0 if no other class was kept). It says how close the pixel
+# came to another label, which is what a reviewer corrects; the winning probability alone does not
+# (SED's classes are independent sigmoids: two classes can both be near 1). A pixel is uncertain
+# under LOW_MARGIN. The `confidence` PNGs hold the margin as uint8: round(margin * 255).
+LOW_MARGIN = 0.1
+MARGIN_PNG_SCALE = 255
 
 
 def error_reason(message: str | None) -> str:
@@ -57,6 +66,8 @@ LABELS_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(CLASS_LABEL)),  # one entry per class present
         pa.field("unlabeled_area", pa.int64()),  # pixels below min_confidence
         pa.field("distractor_area", pa.int64()),  # pixels whose best prompt is a distractor (unlabeled too)
+        pa.field("mean_margin", pa.float32()),  # the image's mean pixel margin (see LOW_MARGIN); low = uncertain
+        pa.field("low_margin_share", pa.float32()),  # share of its pixels with a margin under LOW_MARGIN
         pa.field("kept_classes", pa.list_(pa.int32())),  # prompts kept by early rejection (indices into job.json's "prompts")
         pa.field("taxonomy_hash", pa.string(), nullable=False),
         pa.field("checkpoint_hash", pa.string(), nullable=False),
@@ -70,19 +81,23 @@ def read_labels_table(table: pa.Table) -> pa.Table:
     """Check a Parquet table against the schema versions this code reads; return it as the current one.
 
     Version 1 (before taxonomy groups and distractors) gains `distractor_area` = 0 (it had no
-    distractors) and a null `top_prompt` per class label (its classes were single prompts)."""
+    distractors) and a null `top_prompt` per class label (its classes were single prompts).
+    Version 2 (before uncertainty scores) gains null `mean_margin` and `low_margin_share`: they were
+    not measured."""
     version = (table.schema.metadata or {}).get(b"sed_label.schema_version")
     if version is None:
         raise ValueError("not a sed-label labels table: no sed_label.schema_version in its metadata")
-    if int(version) == 1:
-        return _upgrade_version_1(table)
-    if int(version) != LABELS_SCHEMA_VERSION:
-        raise ValueError(f"labels schema version {int(version)} is not readable by this version (1 to {LABELS_SCHEMA_VERSION})")
+    version = int(version)
+    if not 1 <= version <= LABELS_SCHEMA_VERSION:
+        raise ValueError(f"labels schema version {version} is not readable by this version (1 to {LABELS_SCHEMA_VERSION})")
+    if version == 1:
+        table = _upgrade_version_1(table)
+    if version <= 2:
+        table = _upgrade_version_2(table)
     return table
 
 
 def _upgrade_version_1(table: pa.Table) -> pa.Table:
-    metadata = {**table.schema.metadata, b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
     if "labels" in table.column_names:
         chunks = []
         for labels in table.column("labels").chunks:
@@ -98,6 +113,14 @@ def _upgrade_version_1(table: pa.Table) -> pa.Table:
         unlabeled = table.column("unlabeled_area")
         distractor = pa.compute.if_else(pa.compute.is_null(unlabeled), pa.scalar(None, pa.int64()), pa.scalar(0, pa.int64()))
         table = table.add_column(table.column_names.index("unlabeled_area") + 1, LABELS_SCHEMA.field("distractor_area"), distractor)
+    return table
+
+
+def _upgrade_version_2(table: pa.Table) -> pa.Table:
+    metadata = {**table.schema.metadata, b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
+    at = table.column_names.index("kept_classes") if "kept_classes" in table.column_names else table.num_columns
+    for name in ("low_margin_share", "mean_margin"):
+        table = table.add_column(at, LABELS_SCHEMA.field(name), pa.nulls(table.num_rows, pa.float32()))
     if "schema_version" in table.column_names:
         versions = pa.array([LABELS_SCHEMA_VERSION] * table.num_rows, pa.int16())
         table = table.set_column(table.column_names.index("schema_version"), LABELS_SCHEMA.field("schema_version"), versions)
@@ -106,7 +129,7 @@ def _upgrade_version_1(table: pa.Table) -> pa.Table:
 
 def read_labels_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
     """A labels Parquet file's bytes -> its table (only `columns`, if given, in that order), checked
-    and upgraded by `read_labels_table`; a column a version 1 file lacks comes from the upgrade."""
+    and upgraded by `read_labels_table`; a column an older file lacks comes from the upgrade."""
     stored = pq.read_schema(pa.BufferReader(data)).names
     read = None if columns is None else [name for name in columns if name in stored]
     if columns is not None and "distractor_area" in columns and "unlabeled_area" in stored:

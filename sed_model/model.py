@@ -61,6 +61,7 @@ class Labeling:
     kept: torch.Tensor
     kept_after: dict[str, torch.Tensor]
     runner_up: torch.Tensor | None = None  # (H, W) int64: the second class (-1 if one was kept), when asked
+    margin: torch.Tensor | None = None  # (H, W) float: best minus second-best probability, when asked (`label_batch`)
 
 
 @dataclass
@@ -278,13 +279,17 @@ class SED(nn.Module):
         class_chunk: int = 16,
         precision: str = "float32",
         runner_up: bool = False,
+        class_groups: torch.Tensor | None = None,
+        margins: bool = False,
     ) -> list[Labeling]:
         """Like `predict_batch`, but keeps only the argmax and its probability (with `runner_up`,
-        the second class too).
+        the second class too; with `margins`, each pixel's margin, `_margin`).
 
-        Classes are resized `class_chunk` at a time with a running maximum, so memory stays
-        O(class_chunk * H * W) whatever the taxonomy size. Ties go to the lower class index, as
-        `argmax` does.
+        `class_groups` (one id per class) makes the runner-up the best class of another group: with
+        classes that are prompts of one concept, the second is the best rival concept, not a
+        synonym. Classes are resized `class_chunk` at a time with a running maximum, so memory
+        stays O(class_chunk * H * W) whatever the taxonomy size. Ties go to the lower class index,
+        as `argmax` does.
         """
         images = list(images)
         sizes = _output_sizes(images, output_sizes)
@@ -294,12 +299,18 @@ class SED(nn.Module):
             for start in range(0, low.kept.numel(), class_chunk):
                 resized = _resize(low.probs[start : start + class_chunk], size)
                 kept = low.kept[start : start + class_chunk]
-                chunk = _top_two(resized, kept) if runner_up else (*_top_one(resized, kept), None, None)
+                if not runner_up:
+                    chunk_best = _top_one(resized, kept)
+                    best = chunk_best if best is None else _merge_best(best, chunk_best)
+                    continue
+                groups = kept if class_groups is None else class_groups.to(kept.device)[kept]
+                chunk_best, chunk_second = _top_two(resized, kept, groups)
                 if best is None:
-                    best, second = chunk[:2], chunk[2:]
+                    best, second = chunk_best, chunk_second
                 else:
-                    best, second = _merge_top_two(best, second, chunk[:2], chunk[2:], runner_up)
-            results.append(Labeling(best[1], best[0], low.kept, low.kept_after, second[1] if runner_up else None))
+                    best, second = _merge_top_two(best, second, chunk_best, chunk_second, class_groups)
+            margin = _margin(low, class_groups, size) if margins else None
+            results.append(Labeling(best[1], best[0], low.kept, low.kept_after, second[1] if runner_up else None, margin))
         return results
 
     @torch.no_grad()
@@ -318,38 +329,65 @@ class SED(nn.Module):
         return self.predict_batch([image], text, top_k, sizes, precision)[0].probs
 
 
+def _margin(low: LowResolution, class_groups: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    """Per pixel, the best kept class's probability minus the best of another group's (0 if none),
+    at the model's output resolution, then resized to `size` as the probabilities are. (At full
+    resolution it would cost a second pass over every kept class's resized map, about as much as
+    the labels themselves; the margin only ranks pixels and images by doubt.)"""
+    groups = low.kept if class_groups is None else class_groups.to(low.kept.device)[low.kept]
+    best, index = low.probs.max(dim=0)
+    rivals = low.probs.masked_fill(groups[:, None, None] == groups[index][None], -1.0)
+    margin = best - rivals.max(dim=0).values.clamp(min=0)
+    return _resize(margin[None], size)[0]
+
+
 def _top_one(probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     value, index = probs.max(dim=0)
     return value, classes[index]
 
 
-def _top_two(probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pixel: the best probability and class, then the second (-1 and class -1 if none); both
-    by `max`, so ties go to the lower index as for the labels alone."""
+def _top_two(probs: torch.Tensor, classes: torch.Tensor, groups: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Per pixel: (probability, class) of the best, then of the best of another group (-1 and
+    class -1 if none); both by `max`, so ties go to the lower index as for the labels alone."""
     value, index = probs.max(dim=0)
-    if probs.shape[0] == 1:
-        return value, classes[index], torch.full_like(value, -1.0), torch.full_like(classes[index], -1)
-    second_value, second_index = probs.scatter(0, index[None], -1.0).max(dim=0)
-    return value, classes[index], second_value, classes[second_index]
+    rivals = probs.masked_fill(groups[:, None, None] == groups[index][None], -1.0)
+    second_value, second_index = rivals.max(dim=0)
+    second_class = torch.where(second_value >= 0, classes[second_index], torch.full_like(second_index, -1))
+    return (value, classes[index]), (second_value, second_class)
+
+
+def _merge_best(best: tuple[torch.Tensor, torch.Tensor], chunk_best: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running best after a later chunk of classes; on ties the earlier class wins."""
+    better = chunk_best[0] > best[0]
+    return torch.where(better, chunk_best[0], best[0]), torch.where(better, chunk_best[1], best[1])
 
 
 def _merge_top_two(
     best: tuple[torch.Tensor, torch.Tensor],
-    second: tuple[torch.Tensor | None, torch.Tensor | None],
+    second: tuple[torch.Tensor, torch.Tensor],
     chunk_best: tuple[torch.Tensor, torch.Tensor],
-    chunk_second: tuple[torch.Tensor | None, torch.Tensor | None],
-    runner_up: bool,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """The running (best, second) after a later chunk of classes; on ties the earlier class wins."""
+    chunk_second: tuple[torch.Tensor, torch.Tensor],
+    class_groups: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The running (best, best of another group) after a later chunk of classes.
+
+    Each side's second is already of another group than its best. If both bests are of one group,
+    the new second is the higher of the two seconds; otherwise it is the losing best or the
+    winner's own second, whichever is higher. On equal probabilities the lower class wins."""
     better = chunk_best[0] > best[0]
-    merged_best = (torch.where(better, chunk_best[0], best[0]), torch.where(better, chunk_best[1], best[1]))
-    if not runner_up:
-        return merged_best, (None, None)
-    # The second is the loser of the two bests, or the winner's own second, whichever is higher.
-    earlier = (torch.where(better, best[0], second[0]), torch.where(better, best[1], second[1]))
-    later = (torch.where(better, chunk_second[0], chunk_best[0]), torch.where(better, chunk_second[1], chunk_best[1]))
-    take_later = later[0] > earlier[0]
-    return merged_best, (torch.where(take_later, later[0], earlier[0]), torch.where(take_later, later[1], earlier[1]))
+    if class_groups is None:
+        same = torch.zeros_like(better)
+    else:
+        groups = class_groups.to(best[1].device)
+        same = groups[best[1]] == groups[chunk_best[1]]
+    rival = (
+        torch.where(same, second[0], torch.where(better, best[0], chunk_best[0])),
+        torch.where(same, second[1], torch.where(better, best[1], chunk_best[1])),
+    )
+    own = (torch.where(same | better, chunk_second[0], second[0]), torch.where(same | better, chunk_second[1], second[1]))
+    take_own = (own[0] > rival[0]) | ((own[0] == rival[0]) & (own[1] >= 0) & ((own[1] < rival[1]) | (rival[1] < 0)))
+    merged_second = (torch.where(take_own, own[0], rival[0]), torch.where(take_own, own[1], rival[1]))
+    return _merge_best(best, chunk_best), merged_second
 
 
 def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:

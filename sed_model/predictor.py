@@ -96,12 +96,26 @@ class SEDPredictor:
         return self.model.predict_batch(prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision)
 
     @torch.inference_mode()
-    def label_batch(self, images: Sequence[torch.Tensor], runner_up: bool = False) -> list[Labeling]:
-        """Label maps and confidences only (with `runner_up`, each pixel's second class too):
-        memory bounded whatever the taxonomy size."""
+    def label_batch(
+        self,
+        images: Sequence[torch.Tensor],
+        runner_up: bool = False,
+        class_groups: torch.Tensor | None = None,
+        margins: bool = False,
+    ) -> list[Labeling]:
+        """Label maps and confidences only (with `runner_up`, each pixel's second class; with
+        `margins`, its margin over the second; of another group, with `class_groups`): memory
+        bounded whatever the taxonomy size."""
         prepared, sizes = self._inputs(images)
         return self.model.label_batch(
-            prepared, self.text_features, self.top_k, output_sizes=sizes, precision=self.precision, runner_up=runner_up
+            prepared,
+            self.text_features,
+            self.top_k,
+            output_sizes=sizes,
+            precision=self.precision,
+            runner_up=runner_up,
+            class_groups=class_groups,
+            margins=margins,
         )
 
     def predict(self, image: torch.Tensor) -> Prediction:

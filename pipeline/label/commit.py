@@ -25,6 +25,7 @@ PLAN_FILE = "plan.parquet"
 LABELS_DIR = "labels"
 COCO_DIR = "coco"
 PNG_DIR = "png"
+CONFIDENCE_DIR = "confidence"
 COMMITTED_DIR = "_committed"
 MERGED_COCO_FILE = "labels.coco.json"
 SUMMARY_FILE = "summary.json"
@@ -84,7 +85,7 @@ class JobOutput(OutputStore):
 
     def clear(self) -> None:
         """Remove a previous job's files (for --overwrite); other files in the folder stay."""
-        for name in (JOB_FILE, PLAN_FILE, MERGED_COCO_FILE, SUMMARY_FILE, COMMITTED_DIR, LABELS_DIR, COCO_DIR, PNG_DIR):
+        for name in (JOB_FILE, PLAN_FILE, MERGED_COCO_FILE, SUMMARY_FILE, COMMITTED_DIR, LABELS_DIR, COCO_DIR, PNG_DIR, CONFIDENCE_DIR):
             self.remove(name)
 
     def committed_shard_ids(self) -> list[str]:

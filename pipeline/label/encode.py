@@ -1,6 +1,6 @@
 """Pipeline step (CPU tasks): label maps -> COCO RLE per class, areas, boxes; rows of the schema.
 
-The PNG label maps are written here, by the tasks that make them, several uploads in flight per
+The PNG label maps (and margin maps, format `confidence`) are written here, by the tasks that make them, several uploads in flight per
 task (`OutputStore.write_many`): no pixel goes through the driver, and a cluster writes them as
 fast as it makes them. A row carries its PNG's name; the shard's marker, written last, lists it,
 so a PNG of a shard that is not committed yet is invisible to readers and rewritten when the shard
@@ -24,13 +24,13 @@ from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_OK, png_unlabel
 
 from ..infer import UNLABELED
 from .coco import coco_fragments
-from .commit import PNG_DIR, JobOutput
+from .commit import CONFIDENCE_DIR, PNG_DIR, JobOutput
 
 COCO_ROW_COLUMNS = ["status", "image_index", "image_id", "width", "height", "labels"]
 
 # The labels schema plus what the shard writer needs and the Parquet does not keep: the row's PNG
-# label map, relative to the output folder (null: none written), and its COCO fragments.
-WORK_COLUMNS = ("png_file", "coco_image", "coco_annotations")
+# label map and margin map, relative to the output folder (null: none written), and its COCO fragments.
+WORK_COLUMNS = ("png_file", "confidence_file", "coco_image", "coco_annotations")
 # What the model step adds with `statistics` on (`sed-label preview`), carried through as they are.
 STATISTICS_COLUMNS = {
     "model_seconds": pa.float64(),
@@ -48,8 +48,16 @@ def safe_name(image_index: int, image_id: str, max_length: int = 80) -> str:
     return f"{image_index:09d}_{stem}" if stem else f"{image_index:09d}"
 
 
-def png_file(shard_id: str, image_index: int, image_id: str) -> str:
-    return f"{PNG_DIR}/{shard_id}/{safe_name(image_index, image_id)}.png"
+def png_file(shard_id: str, image_index: int, image_id: str, folder: str = PNG_DIR) -> str:
+    """Where a row's PNG goes: its label map under png/, its margin map under confidence/."""
+    return f"{folder}/{shard_id}/{safe_name(image_index, image_id)}.png"
+
+
+def encode_margin_png(margin_map: np.ndarray) -> bytes:
+    """A quantised margin map (uint8, `schemas.MARGIN_PNG_SCALE`) -> grayscale PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(margin_map, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -60,6 +68,15 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
         "area": int(mask_utils.area(rle)),
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
     }
+
+
+def label_map_of(row: dict[str, Any]) -> np.ndarray:
+    """A labels row's label map (unlabeled = 65535), decoded from its RLE masks."""
+    labels = np.full((row["height"], row["width"]), UNLABELED, dtype=np.uint16)
+    for label in row["labels"]:
+        rle = {"size": [row["height"], row["width"]], "counts": label["rle_counts"].encode()}
+        labels[mask_utils.decode(rle).astype(bool)] = label["class_id"]
+    return labels
 
 
 def encode_png(label_map: np.ndarray, num_classes: int) -> bytes:
@@ -80,12 +97,14 @@ def encode_labels(
     num_classes: int,
     taxonomy_hash: str,
     checkpoint_hash: str,
-    png_output: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
+    formats: tuple[str, ...] = (),
 ) -> pa.Table:
-    """The model step's output -> rows of the labels schema; with `png_output` (`url`,
-    `storage_options` of the job's output) each ok row's PNG label map is written there."""
+    """The model step's output -> rows of the labels schema. With `output` (`url`, `storage_options`
+    of the job's output), each ok row's PNG label map (format `png`) and margin map (format
+    `confidence`, from the batch's `margin_map`) are written there."""
     n = len(batch["image_index"])
-    labels, pngs = [], {}
+    labels, pngs, margins = [], {}, {}
     for i in range(n):
         if batch["status"][i] != STATUS_OK:
             labels.append(None)
@@ -98,10 +117,13 @@ def encode_labels(
             entry.update(encode_mask(label_map == class_id))
             entries.append(entry)
         labels.append(entries)
-        if png_output is not None:
-            pngs[i] = (png_file(batch["shard_id"][i], int(batch["image_index"][i]), batch["image_id"][i]), encode_png(label_map, num_classes))
-    if pngs:
-        JobOutput(png_output["url"], png_output["storage_options"]).write_many(dict(pngs.values()))
+        names = (batch["shard_id"][i], int(batch["image_index"][i]), batch["image_id"][i])
+        if output is not None and "png" in formats:
+            pngs[i] = (png_file(*names), encode_png(label_map, num_classes))
+        if output is not None and "confidence" in formats:
+            margins[i] = (png_file(*names, folder=CONFIDENCE_DIR), encode_margin_png(batch["margin_map"][i]))
+    if pngs or margins:
+        JobOutput(output["url"], output["storage_options"]).write_many(dict([*pngs.values(), *margins.values()]))
     ok = batch["status"] == STATUS_OK
     now = dt.datetime.now(dt.timezone.utc)
     columns = {
@@ -117,13 +139,16 @@ def encode_labels(
         "labels": labels,
         "unlabeled_area": [int(u) if k else None for u, k in zip(batch["unlabeled_area"], ok)],
         "distractor_area": [int(d) if k else None for d, k in zip(batch["distractor_area"], ok)],
+        "mean_margin": [float(m) if k else None for m, k in zip(batch["mean_margin"], ok)],
+        "low_margin_share": [float(m) if k else None for m, k in zip(batch["low_margin_share"], ok)],
         "kept_classes": [batch["kept_classes"][i].tolist() if ok[i] else None for i in range(n)],
         "taxonomy_hash": [taxonomy_hash] * n,
         "checkpoint_hash": [checkpoint_hash] * n,
         "labeled_at": [now] * n,
         "png_file": [pngs[i][0] if i in pngs else None for i in range(n)],
+        "confidence_file": [margins[i][0] if i in margins else None for i in range(n)],
     }
-    table = pa.table(columns, schema=LABELS_SCHEMA.append(pa.field("png_file", pa.string())))
+    table = pa.table(columns, schema=LABELS_SCHEMA.append(pa.field("png_file", pa.string())).append(pa.field("confidence_file", pa.string())))
     # The COCO fragments from the table's own values (as float32 as the Parquet keeps them).
     fragments = [coco_fragments(row, num_classes) for row in table.select(COCO_ROW_COLUMNS).to_pylist()]
     table = table.append_column("coco_image", pa.array([f[0] for f in fragments], pa.string()))

@@ -180,16 +180,16 @@ class _Job:
     def dataset(self, text_features: np.ndarray, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
         spec = self.spec
         ds = read_stage(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
-        ds = model_stage(ds, spec.model, spec.inference, self.taxonomy, text_features, self.checkpoint_hash, spec.ray)
+        margin_maps = "confidence" in spec.output.formats
+        ds = model_stage(ds, spec.model, spec.inference, self.taxonomy, text_features, self.checkpoint_hash, spec.ray, margin_maps=margin_maps)
         return ds.map_batches(
             encode_labels,
             fn_kwargs={
                 "num_classes": len(self.taxonomy.classes),
                 "taxonomy_hash": self.taxonomy.hash,
                 "checkpoint_hash": self.checkpoint_hash,
-                "png_output": (
-                    {"url": spec.output.url, "storage_options": spec.output.storage_options} if "png" in spec.output.formats else None
-                ),
+                "output": {"url": spec.output.url, "storage_options": spec.output.storage_options},
+                "formats": tuple(spec.output.formats),
             },
             batch_format="numpy",
             num_cpus=0.5,

@@ -71,7 +71,8 @@ class ShardWriter:
         files = [self._write_parquet(table.drop_columns(list(WORK_COLUMNS)))]
         if "coco" in self.formats:
             files.append(self._write_coco(table))
-        files.extend(name for name in table.column("png_file").to_pylist() if name is not None)
+        for column in ("png_file", "confidence_file"):
+            files.extend(name for name in table.column(column).to_pylist() if name is not None)
         reasons = self.errors_by_reason()
         errors = sum(reasons.values())
         stats = {

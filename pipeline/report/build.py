@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 from jinja2 import Environment, PackageLoader, select_autoescape
-from pycocotools import mask as mask_utils
 
 from schemas import DEFAULT_MAX_PIXELS
 
@@ -18,6 +17,7 @@ from ..datasets.labelmaps import IGNORE_UINT8, IGNORE_UINT16
 from ..decode import DecodeError, decode_image
 from ..infer import UNLABELED
 from ..label.commit import JOB_FILE, JobOutput
+from ..label.encode import label_map_of
 from ..metrics import SemSegEvaluator
 from ..sources import read_images
 from ..storage import filesystem, to_url
@@ -33,15 +33,6 @@ class ReportError(RuntimeError):
     """An output folder that holds no job results to report on."""
 
 
-def label_map_of(row: dict[str, Any]) -> np.ndarray:
-    """The row's label map (unlabeled = 65535), decoded from its RLE masks."""
-    labels = np.full((row["height"], row["width"]), UNLABELED, dtype=np.uint16)
-    for label in row["labels"]:
-        rle = {"size": [row["height"], row["width"]], "counts": label["rle_counts"].encode()}
-        labels[mask_utils.decode(rle).astype(bool)] = label["class_id"]
-    return labels
-
-
 class _GroundTruth:
     """Label maps named like the images (`a/b.jpg` -> `a/b.png`), compared with the labels."""
 
@@ -54,14 +45,19 @@ class _GroundTruth:
         self.semantics = semantics
         self.matched = 0
         self.missing: list[str] = []
+        # One listing, not a request per row: the ground truth may cover a few reviewed images of millions.
+        found = sorted(
+            (GROUND_TRUTH_EXTENSIONS.index(posixpath.splitext(p)[1].lower()), p)
+            for p in self.fs.find(self.root)
+            if p.lower().endswith(GROUND_TRUTH_EXTENSIONS)
+        )
+        self.label_maps: dict[str, str] = {}
+        for _, path in found:
+            self.label_maps.setdefault(posixpath.splitext(path[len(self.root) + 1 :])[0], path)
 
     def add(self, row: dict[str, Any]) -> None:
-        stem = posixpath.splitext(row["image_id"])[0]
-        for extension in GROUND_TRUTH_EXTENSIONS:
-            path = f"{self.root}/{stem}{extension}"
-            if self.fs.exists(path):
-                break
-        else:
+        path = self.label_maps.get(posixpath.splitext(row["image_id"].lstrip("/"))[0])
+        if path is None:
             if len(self.missing) < 20:
                 self.missing.append(row["image_id"])
             return

@@ -83,7 +83,7 @@ class LabelStatistics:
         entry = (-summary.confidence, -summary.image_index, summary)
         if len(self._least_confident) < self.gallery_size:
             heapq.heappush(self._least_confident, entry)
-        elif entry > self._least_confident[0]:
+        elif self._least_confident and entry > self._least_confident[0]:
             heapq.heapreplace(self._least_confident, entry)
         # Reservoir sampling: a uniform random sample whatever the number of images.
         self._seen_ok += 1

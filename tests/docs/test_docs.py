@@ -67,18 +67,24 @@ def shell_commands(path: Path) -> list[tuple[int, str]]:
 
 @functools.cache
 def cli_options() -> dict[str, set[str]]:
-    """The Typer app's subcommands, each with every option word it accepts."""
+    """The Typer app's subcommands (a group's as "group sub"), each with every option word it accepts."""
     import typer
 
     from jobs.cli import app
 
-    group = typer.main.get_command(app)
     options = {}
-    for name, command in group.commands.items():
-        words = {"--help"}
-        for param in command.params:
-            words.update(word for word in [*param.opts, *param.secondary_opts] if word.startswith("-"))
-        options[name] = words
+
+    def collect(group: object, prefix: str) -> None:
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):  # a group of subcommands
+                collect(command, f"{prefix}{name} ")
+                continue
+            words = {"--help"}
+            for param in command.params:
+                words.update(word for word in [*param.opts, *param.secondary_opts] if word.startswith("-"))
+            options[prefix + name] = words
+
+    collect(typer.main.get_command(app), "")
     return options
 
 
@@ -112,6 +118,8 @@ def unknown_words(arguments: list[str]) -> list[str]:
     if arguments[0] == "--help":
         return []
     subcommand, rest = arguments[0], arguments[1:]
+    if subcommand not in commands and rest and f"{subcommand} {rest[0]}" in commands:  # a group's command
+        subcommand, rest = f"{subcommand} {rest[0]}", rest[1:]
     if subcommand not in commands:
         return [subcommand]
     return [word for word in rest if word.startswith("--") and word.split("=", 1)[0] not in commands[subcommand]]

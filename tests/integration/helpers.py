@@ -18,7 +18,7 @@ from PIL import Image
 import sed_model
 from pipeline.decode import decode_image
 from pipeline.label import JobOutput
-from pipeline.report.build import label_map_of  # noqa: F401  (re-exported for the tests)
+from pipeline.label.encode import label_map_of  # noqa: F401  (re-exported for the tests)
 from schemas import JobSpec
 from tests.helpers import TINY_CHECKPOINT
 

@@ -14,7 +14,7 @@ import sed_model
 from pipeline.infer import UNLABELED, SEDInference
 from pipeline.model_loading import load_model
 from pipeline.taxonomy import DISTRACTOR, Taxonomy, load_taxonomy
-from schemas import ModelSpec, TaxonomySpec
+from schemas import LOW_MARGIN, ModelSpec, TaxonomySpec
 from tests.helpers import TINY_CHECKPOINT
 
 
@@ -114,3 +114,38 @@ def test_labels_equal_the_predictor_on_the_flat_prompts_mapped(reference, top_k,
         # Not vacuous: the distractor and several prompts of "room" win pixels.
         assert distractor.any() and len(set(prompt_labels[classes == 0].tolist())) > 1
         assert out["unlabeled_area"][i] > 0 if min_confidence else out["unlabeled_area"][i] == 0
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_margins_are_between_the_best_two_output_classes(reference, top_k):
+    """A pixel's margin: its class's probability (a group's = its best prompt's) minus the best other
+    class's (each distractor a class of its own; 0 if no other was kept)."""
+    taxonomy, order = grouped(reference)
+    text = reference["text_features"][order]
+    model = {"clip_model": reference["clip_cfg"], "weights": str(TINY_CHECKPOINT), "image_size": 64}
+    loaded, checkpoint_hash = load_model(ModelSpec(**model))
+    settings = {"top_k": top_k, "short_edge": None}
+    inference = SEDInference(model, settings, taxonomy, text.numpy(), checkpoint_hash, margin_maps=True)
+    predictor = sed_model.SEDPredictor(loaded, top_k=top_k, short_edge=None)
+    predictor.set_taxonomy(list(taxonomy.prompts), text_features=text)
+    pictures = images()
+    pixels = np.empty(len(pictures), dtype=object)
+    pixels[:] = [p.permute(1, 2, 0).numpy() for p in pictures]
+    n = len(pictures)
+    out = inference({"image_index": np.arange(n), "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object), "image": pixels})
+    concept = taxonomy.prompt_groups()
+    prepared, sizes = predictor._inputs(pictures)
+    for i, low in enumerate(predictor.model.predict_low_res(prepared, text, top_k)):
+        # At the model's output resolution, over the kept prompts, then resized as the probabilities are.
+        kept_concepts = concept[low.kept]
+        per_concept = torch.stack([low.probs[kept_concepts == c].max(dim=0).values for c in kept_concepts.unique()])
+        per_concept = torch.cat([per_concept, torch.zeros_like(per_concept[:1])])  # no rival kept: the margin is the best's
+        top_two = per_concept.topk(2, dim=0).values
+        low_margin = top_two[0] - top_two[1]
+        margin = torch.nn.functional.interpolate(low_margin[None, None], size=sizes[i], mode="bilinear", align_corners=False)[0, 0].numpy()
+        assert out["mean_margin"][i] == pytest.approx(margin.mean(), rel=1e-5)
+        assert out["low_margin_share"][i] == pytest.approx((margin < LOW_MARGIN).mean())
+        np.testing.assert_array_equal(out["margin_map"][i], np.round(np.clip(margin, 0, 1) * 255).astype(np.uint8))
+        # Not vacuous: margins vary, and the groups matter (a prompt's synonym is not its rival).
+        prompt_top_two = torch.cat([low.probs, torch.zeros_like(low.probs[:1])]).topk(2, dim=0).values
+        assert margin.std() > 0 and not torch.allclose(low_margin, prompt_top_two[0] - prompt_top_two[1])

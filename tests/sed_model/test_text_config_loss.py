@@ -131,6 +131,26 @@ class TestPredictor:
             assert torch.equal(labeling.runner_up, prediction.kept[masked.argmax(dim=0)])
         assert plain[0].runner_up is None
 
+    @pytest.mark.parametrize("top_k", [None, 4])
+    @pytest.mark.parametrize("class_chunk", [16, 3, 1])
+    def test_grouped_runner_up_is_the_best_class_of_another_group(self, tiny_pooling1, reference, cer_cases, top_k, class_chunk):
+        predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
+        predictor.set_taxonomy(cer_cases["classes"][:12], text_features=cer_cases["text_features"][:12])
+        groups = torch.tensor([0, 1, 0, 2, 2, 3, 1, 4, 0, 5, 5, 6])  # classes 0, 2 and 8 are one concept, ...
+        prepared, sizes = predictor._inputs(reference["images"])
+        both = predictor.model.label_batch(
+            prepared, predictor.text_features, top_k, output_sizes=sizes, class_chunk=class_chunk, runner_up=True, class_groups=groups
+        )
+        for prediction, labeling in zip(predictor.predict_batch(reference["images"]), both):
+            kept = prediction.probs[prediction.kept]
+            assert torch.equal(labeling.labels, prediction.kept[kept.argmax(dim=0)])
+            kept_groups = groups[prediction.kept]
+            rivals = kept.masked_fill(kept_groups[:, None, None] == groups[labeling.labels][None], -1.0)
+            has_rival = rivals.max(dim=0).values >= 0
+            expected = torch.where(has_rival, prediction.kept[rivals.argmax(dim=0)], torch.full_like(labeling.labels, -1))
+            assert torch.equal(labeling.runner_up, expected)
+            assert (groups[labeling.runner_up[has_rival]] != groups[labeling.labels[has_rival]]).all()
+
 
 def test_shortest_edge_size_follows_detectron2():
     assert shortest_edge_size(240, 320) == (640, 853)

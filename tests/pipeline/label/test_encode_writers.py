@@ -28,6 +28,7 @@ from pipeline.storage import StorageError
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_parquet, read_labels_table
 
 CLASSES = ["sky", "tree", "road"]
+MARGIN_COLUMNS = ("mean_margin", "low_margin_share")
 
 # pycocotools' own decode() trips a NumPy 2 deprecation inside the library; not ours to test.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -199,13 +200,16 @@ def model_output(shard: str = "000003") -> tuple[dict[str, np.ndarray], np.ndarr
         "distractor_area": np.array([2, 0], np.int64),
         # Class 0 is a group whose prompt "tree" won most of its pixels; class 2 is one prompt.
         "top_prompts": objects('["tree", null]', "[]"),
+        "mean_margin": np.array([0.25, 0.0], np.float32),
+        "low_margin_share": np.array([0.125, 0.0], np.float32),
+        "margin_map": objects(np.arange(40, dtype=np.uint8).reshape(5, 8) * 6, None),
     }
     return batch, label_map
 
 
 def test_encode_labels_rows_and_their_png_written_by_the_encode_task(tmp_path):
     batch, label_map = model_output()
-    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", png_output={"url": str(tmp_path), "storage_options": {}})
+    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", output={"url": str(tmp_path), "storage_options": {}}, formats=("parquet", "png"))
     rows = table.to_pylist()
     ok, error = rows
     assert [label["class_id"] for label in ok["labels"]] == [0, 2]
@@ -222,12 +226,27 @@ def test_encode_labels_rows_and_their_png_written_by_the_encode_task(tmp_path):
     assert error["error"].startswith("not an image")
     assert [p.name for p in (tmp_path / "png" / "000003").iterdir()] == [f"{safe_name(7, 'dir/b.png')}.png"]
     assert encode_labels(batch, len(CLASSES), "tax", "ckpt").column("png_file").null_count == 2
+    assert ok["mean_margin"] == pytest.approx(0.25) and ok["low_margin_share"] == pytest.approx(0.125)
+    assert error["mean_margin"] is None and error["low_margin_share"] is None
+    assert table.column("confidence_file").null_count == 2  # not asked for
+    assert not (tmp_path / "confidence").exists()
+
+
+def test_encode_labels_writes_the_margin_maps_of_format_confidence(tmp_path):
+    batch, _ = model_output()
+    table = encode_labels(batch, len(CLASSES), "tax", "ckpt", output={"url": str(tmp_path), "storage_options": {}}, formats=("parquet", "confidence"))
+    ok, error = table.to_pylist()
+    assert ok["png_file"] is None and error["confidence_file"] is None
+    assert ok["confidence_file"] == f"confidence/000003/{safe_name(7, 'dir/b.png')}.png"
+    np.testing.assert_array_equal(read_png((tmp_path / ok["confidence_file"]).read_bytes()), batch["margin_map"][0])
 
 
 def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     shard = "000003"
     batch, label_map = model_output(shard)
-    table = encode_labels(batch, len(CLASSES), "tax-hash", "ckpt-hash", png_output={"url": str(tmp_path / "out"), "storage_options": {}})
+    table = encode_labels(
+        batch, len(CLASSES), "tax-hash", "ckpt-hash", output={"url": str(tmp_path / "out"), "storage_options": {}}, formats=("parquet", "png", "confidence")
+    )
     store = JobOutput(str(tmp_path / "out"))
     writer = ShardWriter(store, shard, 2, ["parquet", "coco", "png"], CLASSES, {"sed_label.classes": json.dumps(CLASSES)})
     writer.add(table.slice(0, 1))  # rows stream in, in any order
@@ -270,7 +289,7 @@ def test_shard_writer_commits_parquet_coco_png_and_marker(tmp_path):
     assert (marker["images"], marker["ok"], marker["errors"]) == (2, 1, 1)
     assert marker["errors_by_reason"] == {"not an image": 1}
     assert marker["files"][0] == f"labels/{shard}.parquet"
-    assert set(marker["files"]) == {f"labels/{shard}.parquet", f"coco/{shard}.json", f"png/{shard}/{pngs[0].name}"}
+    assert set(marker["files"]) == {f"labels/{shard}.parquet", f"coco/{shard}.json", f"png/{shard}/{pngs[0].name}", f"confidence/{shard}/{pngs[0].name}"}
     assert stats["ok"] == 1 and stats["errors"] == 1
     assert list(store.committed_shards()) == [shard]
     assert store.committed_shards()[shard]["ok"] == 1
@@ -416,7 +435,7 @@ def test_labels_of_schema_version_1_read_as_the_current_version(tmp_path):
     old_labels = pa.ListArray.from_arrays(
         entries.offsets, pa.StructArray.from_arrays([flat.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
     )
-    version_1 = current.drop_columns(["distractor_area"]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
     version_1 = version_1.set_column(0, "schema_version", pa.array([1, 1], pa.int16()))
     version_1 = version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"})
 
@@ -426,7 +445,7 @@ def test_labels_of_schema_version_1_read_as_the_current_version(tmp_path):
     assert ok["distractor_area"] == 0 and error["distractor_area"] is None and error["labels"] is None
     assert [label["top_prompt"] for label in ok["labels"]] == [None, None]
     assert [label["area"] for label in ok["labels"]] == [label["area"] for label in current.to_pylist()[0]["labels"]]
-    assert ok["schema_version"] == LABELS_SCHEMA_VERSION
+    assert ok["schema_version"] == LABELS_SCHEMA_VERSION and ok["mean_margin"] is None and ok["low_margin_share"] is None
     with pytest.raises(ValueError, match="version 9 is not readable"):
         read_labels_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"9"}))
 
@@ -440,7 +459,7 @@ def test_a_version_1_file_reads_any_columns_asked_for(tmp_path):
     old_labels = pa.ListArray.from_arrays(
         entries.offsets, pa.StructArray.from_arrays([values.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
     )
-    version_1 = current.drop_columns(["distractor_area"]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
     sink = pa.BufferOutputStream()
     pq.write_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"}), sink)
     data = sink.getvalue().to_pybytes()
@@ -450,6 +469,23 @@ def test_a_version_1_file_reads_any_columns_asked_for(tmp_path):
     ]
     assert read_labels_parquet(data, columns=["unlabeled_area"]).column_names == ["unlabeled_area"]
     assert [l["top_prompt"] for l in read_labels_parquet(data, columns=["labels"]).column("labels")[0].as_py()] == [None, None]
+
+
+def test_labels_of_schema_version_2_read_with_unmeasured_margins():
+    """Version 2 rows (before uncertainty scores) gain null mean_margin and low_margin_share."""
+    batch, _ = model_output()
+    current = encode_labels(batch, len(CLASSES), "tax", "ckpt").drop_columns(list(WORK_COLUMNS)).cast(LABELS_SCHEMA)
+    version_2 = current.drop_columns(list(MARGIN_COLUMNS)).set_column(0, "schema_version", pa.array([2, 2], pa.int16()))
+    version_2 = version_2.replace_schema_metadata({b"sed_label.schema_version": b"2"})
+    upgraded = read_labels_table(version_2)
+    assert upgraded.schema.equals(LABELS_SCHEMA, check_metadata=False)
+    assert upgraded.column("mean_margin").null_count == 2 and upgraded.column("low_margin_share").null_count == 2
+    unchanged = [{**row, "schema_version": 2} for row in upgraded.drop_columns(list(MARGIN_COLUMNS)).to_pylist()]
+    assert unchanged == version_2.to_pylist()
+    sink = pa.BufferOutputStream()
+    pq.write_table(version_2, sink)
+    subset = read_labels_parquet(sink.getvalue().to_pybytes(), columns=["image_index", "mean_margin"])
+    assert subset.to_pylist() == [{"image_index": 7, "mean_margin": None}, {"image_index": 6, "mean_margin": None}]
 
 
 def test_urls_lose_their_credentials_and_signatures():
