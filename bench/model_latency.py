@@ -18,9 +18,12 @@
    between processes, so each row is set against the limit of its own minutes); the peak RSS of each mode (a fresh process each,
    whose `ru_maxrss` is that mode's peak).
 4. With `--bfloat16 T`, bfloat16 (autocast; on a CPU with the fused kernels the backbone only, the
-   decoder staying in float32: `SED.decoder_precision`) at T classes: the same timings, and how often its argmax
-   label equals float32's, on the shared tiny fixtures (`../shared/reference`, if present) and on
-   the random ConvNeXt-B. Off by default: a CPU without native bfloat16 (AVX512-BF16 or AMX) runs it
+   decoder staying in float32: `ops.decoder_precision`) at T classes: the same timings, and how often its argmax
+   label equals float32's, on the shared tiny fixtures (`../shared/reference`, if present), on
+   the random ConvNeXt-B, and on a model with real class margins: the demo's fine-tuned tiny SED
+   (`--trained`, written by `sed-label train jobs/train_demo.yaml`) on its validation scenes, with
+   the share of the pixels float32 is sure of whose label changes (random weights have margins
+   too small for agreement to mean much). Off by default: a CPU without native bfloat16 (AVX512-BF16 or AMX) runs it
    many times slower than float32.
 
 Each timing is the median of `--repeats` runs after `--warmups` untimed ones (default 2): a
@@ -45,7 +48,9 @@ from typing import Any
 
 BACKBONE_GFLOP = 362.0  # ConvNeXt-B image tower at 768x768, per image
 DECODER_GFLOP_PER_CLASS = 3.35
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO.parent / "shared" / "reference"
+CONFIDENT_MARGIN = 0.05  # float32's top-1 minus top-2 probability above which a label should not change
 
 
 def _parse_args() -> argparse.Namespace:
@@ -58,6 +63,11 @@ def _parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--bfloat16", type=int, default=None, metavar="T", help="also measure bfloat16 at T classes")
+    parser.add_argument(
+        "--trained",
+        default=str(REPO / "outputs" / "train_demo" / "checkpoints" / "iter_0000150.safetensors"),
+        help="with --bfloat16: the demo's fine-tuned tiny SED (sed-label train jobs/train_demo.yaml), whose agreement is measured too",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -83,7 +93,7 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from sed_model.allocator import keep_freed_memory
+    from sed_model.cpu.allocator import keep_freed_memory
 
     keep_freed_memory()  # as in the model's workers, so the limits are measured under the same malloc
 
@@ -183,6 +193,43 @@ def _fixture_agreement() -> float | None:
     return _agreement(fast, exact)
 
 
+def _trained_agreement(checkpoint: str) -> dict[str, float] | None:
+    """bfloat16 vs float32 on a model with real class margins: the demo's fine-tuned tiny SED on
+    its validation scenes (as training validates them). The argmax agreement, and the share of the
+    pixels float32 is sure of (margin over `CONFIDENT_MARGIN`) whose label bfloat16 changes."""
+    import numpy as np
+    import torch
+    import yaml
+    from PIL import Image
+
+    import sed_model
+    from pipeline.model_loading import load_model
+    from schemas import ModelSpec
+
+    if not Path(checkpoint).exists():
+        return None
+    spec = yaml.safe_load((REPO / "jobs" / "train_demo.yaml").read_text())
+    model, _ = load_model(ModelSpec(**{**spec["model"], "weights": checkpoint}))
+    classes = spec["taxonomy"]["classes"]
+    text = model.encode_classes(classes)
+    same = confident = flipped = total = 0
+    for path in sorted((REPO / "jobs" / "demo_train" / "val" / "images").iterdir()):
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        probs = {}
+        for precision in ("float32", "bfloat16"):
+            predictor = sed_model.SEDPredictor(model, short_edge=spec["recipe"]["short_edge"], precision=precision)
+            predictor.set_taxonomy(classes, text_features=text)
+            probs[precision] = predictor.predict(image).probs.float()
+        exact, fast = probs["float32"].argmax(0), probs["bfloat16"].argmax(0)
+        top_two = probs["float32"].topk(2, dim=0).values
+        sure = (top_two[0] - top_two[1]) > CONFIDENT_MARGIN
+        same += int((exact == fast).sum())
+        confident += int(sure.sum())
+        flipped += int((sure & (exact != fast)).sum())
+        total += exact.numel()
+    return {"agreement": same / total, "confident_share": confident / total, "confident_flipped": flipped / max(confident, 1)}
+
+
 def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One (T, exact/early, precision) in this fresh process."""
     import torch
@@ -228,6 +275,7 @@ def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             fast = model.predict_batch([image[0]], text, top_k, [(size // 4, size // 4)], precision="bfloat16")
             result["agreement_random"] = _agreement([p.labels for p in fast], [p.labels for p in exact])
             result["agreement_fixtures"] = _fixture_agreement()
+            result["agreement_trained"] = _trained_agreement(args.trained)
     return result
 
 
@@ -285,6 +333,13 @@ def _report(args: argparse.Namespace, limits: dict[str, Any], results: list[dict
         speed = "" if base is None else f", {(base['backbone_ms'] + base['decoder_ms']) / (r['backbone_ms'] + r['decoder_ms']):.2f}x float32's speed"
         print(f"bfloat16 at T={classes} ({rejection}): argmax agreement with float32 {r['agreement_random']:.2%} "
               f"(random ConvNeXt-B), {fixtures_text} (tiny fixtures, 150 classes){speed}")
+        trained = r["agreement_trained"]
+        if trained is None:
+            print(f"  the fine-tuned demo model: not measured ({args.trained} missing: sed-label train jobs/train_demo.yaml)")
+        else:
+            print(f"  the fine-tuned demo model on its validation scenes: agreement {trained['agreement']:.2%}; of the "
+                  f"{trained['confident_share']:.0%} of pixels float32 is sure of (margin > {CONFIDENT_MARGIN}), "
+                  f"{trained['confident_flipped']:.3%} change label")
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from . import cpu_kernels
-from .layout import activation_name, channel_norm, channels_last, pointwise, pointwise_mlp
+from . import ops
+from .cpu.layout import activation_name, channel_norm, channels_last
 
 
 class CLIPBackbone(nn.Module):
@@ -44,7 +44,7 @@ class CLIPBackbone(nn.Module):
         """Normalised images (B, 3, S, S) -> `res2`..`res5` and `clip_vis_dense` (B, D, S/32, S/32)."""
         trunk = self.clip.visual.trunk
         # Channels-last, so timm's permutes are free and the blocks' MLPs run as oneDNN's matrix
-        # product on the positions (`layout.py`; measured: the ConvNeXt-B trunk about 7% faster on a
+        # product on the positions (`cpu/layout.py`; measured: the ConvNeXt-B trunk about 7% faster on a
         # 2-core AMD EPYC than in timm's layout).
         x = trunk.stem(channels_last(images))
         features: dict[str, torch.Tensor] = {}
@@ -77,28 +77,24 @@ class CLIPBackbone(nn.Module):
 
 
 def _convnext_block_eval(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's `ConvNeXtBlock` in evaluation, with its MLP run through `layout.pointwise_mlp`, or
-    where the fused MLP kernel takes it (ConvNeXt-B's first stage, 128 channels) through
-    `cpu_kernels.pointwise_mlp` with the LayerNorm, layer scale and residual inside.
+    """timm's `ConvNeXtBlock` in evaluation, its MLP through `ops.residual_mlp` (with the LayerNorm,
+    layer scale and residual) or `ops.mlp`, which choose the fastest route (`ops.py`).
 
     The same parameters and the same function (stochastic depth and dropout are off in evaluation);
-    only the route to the kernels differs (`layout.py`). Other block types run as they are.
+    only the route to the kernels differs. Other block types run as they are.
     """
     mlp = getattr(block, "mlp", None)
     if not isinstance(block, ConvNeXtBlock) or block.use_conv_mlp or type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
         return block(x)
     y = block.conv_dw(x)
     activation = activation_name(mlp.act)
-    # Measured on a 2-core AMD EPYC with AVX-512: the 128 -> 512 -> 128 MLP at 192x192 1.26x faster
-    # than oneDNN's products (313 against 394 GFLOP/s); from 256 channels on oneDNN's are as fast.
-    fused = activation == "gelu" and isinstance(block.norm, nn.LayerNorm) and block.gamma is not None and isinstance(block.shortcut, nn.Identity)
-    if fused and cpu_kernels.mlp_usable(y, mlp.fc1, mlp.fc2) and x.is_contiguous(memory_format=torch.channels_last):
-        return cpu_kernels.pointwise_mlp(y, mlp.fc1, "gelu", mlp.fc2, residual=x, scale=block.gamma, out=y, norm=block.norm)
+    if activation == "gelu" and isinstance(block.norm, nn.LayerNorm) and block.gamma is not None and isinstance(block.shortcut, nn.Identity):
+        return ops.residual_mlp(y, block.norm, mlp.fc1, "gelu", mlp.fc2, residual=x, scale=block.gamma, out=None if torch.is_grad_enabled() else y)
     y = channel_norm(y, block.norm)
     if activation:
-        y = pointwise_mlp(y, mlp.fc1, activation, mlp.fc2)
+        y = ops.mlp(y, mlp.fc1, activation, mlp.fc2)
     else:
-        y = pointwise(mlp.act(pointwise(y, mlp.fc1)), mlp.fc2)
+        y = ops.pointwise(mlp.act(ops.pointwise(y, mlp.fc1)), mlp.fc2)
     if block.gamma is None:
         return y + block.shortcut(x)
     return torch.addcmul(block.shortcut(x), y, block.gamma[:, None, None])

@@ -14,13 +14,13 @@ runs in two passes over the chunks: the ConvNeXt block and those sums first, the
 the whole image's sums and the rest of the stage. That is the paper's computation, exactly, in
 another order.
 
-Speed on CPUs: feature maps are channels-last and pointwise layers go through oneDNN's matrix
-product in inference (`layout.py`); conv1 runs through the FFT in float32 inference
-(`fft_conv.py`); the appearance guidance is convolved once per image instead of once per class (see
-`UpStage.appearance_term`). In inference the chunks one stage hands to the next live in large
-stores of their own (`_chunk_stores`), so the heap does not fragment between stages. In float32
-CPU inference the small-channel layers (MLPs, class attention, GroupNorm + ReLU, heads, transposed
-and 3x3 convs) run in fused kernels (`cpu_kernels.py`); PyTorch's operators are the other route.
+The fusable steps (MLPs, class attention's sums and application, GroupNorm + ReLU, the 3x3 and
+fusion convs, the heads, the transposed convs, conv1) are named ops (`ops.py`), which choose their
+implementation: on CPUs in float32 inference fused kernels, oneDNN's routes and the FFT
+(`sed_model/cpu`), elsewhere PyTorch's operators. Feature maps are channels-last; the appearance
+guidance is convolved once per image instead of once per class (see `UpStage.appearance_term`). In
+inference the chunks one stage hands to the next live in large stores of their own
+(`_chunk_stores`), so the heap does not fragment between stages.
 
 Module and parameter names follow the paper's checkpoints (`sem_seg_head.predictor.transformer.*`).
 """
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
-from .allocator import advise_huge_pages
-from .fft_conv import SpectrumCache, fft_conv2d, fft_pays
-from .layout import channel_norm, channels_last, pointwise, pointwise_mlp, up_relu
+from . import ops
+from .cpu.allocator import advise_huge_pages
+from .cpu.fft_conv import SpectrumCache
+from .cpu.layout import channel_norm, channels_last
 
 # Rows per chunk. Measured on a 2-core CPU (ConvNeXt-B, T=64, with `allocator.keep_freed_memory`):
 # 8, 16 and 32 rows run at the same speed, so the smallest keeps the temporaries small.
@@ -125,11 +125,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """`inplace` writes the result over `x` (inference, where the input is not needed after)."""
         y = self.dwconv(x)
-        if cpu_kernels.mlp_usable(y, self.pwconv1, self.pwconv2) and x.is_contiguous(memory_format=torch.channels_last):
-            out = x if inplace else None
-            return cpu_kernels.pointwise_mlp(y, self.pwconv1, "gelu", self.pwconv2, residual=x, scale=self.gamma, out=out, norm=self.norm)
-        y = pointwise_mlp(channel_norm(y, self.norm), self.pwconv1, "gelu", self.pwconv2)
-        return torch.addcmul(x, self.gamma[:, None, None], y, out=x if inplace else None)
+        return ops.residual_mlp(y, self.norm, self.pwconv1, "gelu", self.pwconv2, residual=x, scale=self.gamma, out=x if inplace else None)
 
 
 class LinearAttention(nn.Module):
@@ -164,36 +160,18 @@ class LinearAttention(nn.Module):
         (normalised NCHW, one image's), added to `running` (the sums of the image's earlier rows).
 
         The sums run over up to hundreds of classes, so they are kept in float32 under autocast.
-        In CPU float32 inference one fused kernel accumulates them into `running`, in place.
         """
         # k and v as two products rather than one of twice the width: the feature map then runs on
         # a contiguous k (measured: class sums 22-26% faster at the last two stages).
-        k = self._heads(pointwise(x, self.k))
-        v = self._heads(pointwise(x, self.v))
-        if cpu_kernels.usable(x, self.k.weight):
-            if running is None:
-                running = (k.new_zeros(k.shape[1], k.shape[2], k.shape[2]), k.new_zeros(k.shape[1:]))
-            cpu_kernels.linear_attention_sums_(k, v, *running)
-            return running
-        k = F.elu(k.float()).add_(1)
-        with torch.autocast(x.device.type, enabled=False):
-            sums = torch.bmm(k.permute(1, 2, 0), v.float().transpose(0, 1)), k.sum(dim=0)
-        return sums if running is None else (running[0] + sums[0], running[1] + sums[1])
+        k = self._heads(ops.pointwise(x, self.k))
+        v = self._heads(ops.pointwise(x, self.v))
+        return ops.attention_sums(k, v, running)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual` plus the attention output for the rows of `x` (normalised NCHW, one image's),
-        given the image's sums; the sum is taken in the same pass as the division (in CPU float32
-        inference, one fused kernel from the feature map on).
-        """
+        given the image's sums."""
         n, c, h, w = x.shape
-        if cpu_kernels.usable(x, self.q.weight):
-            out = cpu_kernels.linear_attention(self._heads(pointwise(x, self.q)), kv, k_sum, self._heads(residual), self.eps)
-            return out.view(n, h, w, c).permute(0, 3, 1, 2)
-        q = F.elu(self._heads(pointwise(x, self.q)).float()).add_(1).transpose(0, 1)  # (positions*heads, N, d)
-        with torch.autocast(x.device.type, enabled=False):
-            numerator = torch.bmm(q, kv)
-            denominator = torch.bmm(q, k_sum.unsqueeze(-1)).add_(self.eps)
-            out = torch.addcdiv(self._heads(residual), numerator.transpose(0, 1), denominator.transpose(0, 1))
+        out = ops.attention_apply(self._heads(ops.pointwise(x, self.q)), kv, k_sum, self._heads(residual), self.eps)
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -240,29 +218,12 @@ class ClassAttention(nn.Module):
         (in inference written over `x`, which the caller gives up)."""
         y = self._pool(x, pooling)
         y = self.attention(channel_norm(y, self.norm1), kv, k_sum, residual=y)
-        if cpu_kernels.mlp_usable(y, self.MLP[0], self.MLP[2]):
-            y = cpu_kernels.pointwise_mlp(y, self.MLP[0], "relu", self.MLP[2], residual=y, out=y, norm=self.norm2)
-        else:
-            y = y + pointwise_mlp(channel_norm(y, self.norm2), self.MLP[0], "relu", self.MLP[2])
+        y = ops.residual_mlp(y, self.norm2, self.MLP[0], "relu", self.MLP[2], residual=y, out=None if torch.is_grad_enabled() else y)
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         # The paper adds the whole pooled result (not only the attention update) back to x; in
         # inference over x, which the caller gives up (no new map per chunk: 9 MB at the last stage).
         return x + y if torch.is_grad_enabled() else x.add_(y)
-
-
-def group_norm_relu(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`relu(norm(x + add))` (`add`: `(1, C, H, W)`, broadcast over the rows), written to `out` if
-    given (inference only), else possibly over `x`, which the caller gives up.
-
-    In CPU float32 inference on channels-last maps, one fused kernel: two passes over `x`
-    instead of four to six.
-    """
-    maps = (x,) if add is None else (x, add)
-    if cpu_kernels.usable(x, norm.weight) and all(t.is_contiguous(memory_format=torch.channels_last) for t in maps):
-        return cpu_kernels.group_norm_relu(x, norm, add, x if out is None else out)
-    y = norm(x if add is None else x + add)
-    return F.relu(y, inplace=True) if out is None else torch.clamp_min(y, 0, out=out)
 
 
 class DoubleConv(nn.Module):
@@ -332,24 +293,15 @@ class UpStage(nn.Module):
         `kv, k_sum` are the image's class sums, `appearance_term` its `(1, C, H, W)` appearance term,
         `correlation` the rows' correlation guidance. With `out` (inference only), the result is
         written there; `fusion_input` (inference only; channels-last, at least as many rows as `x`)
-        is memory for the fusion conv's input, the concatenation of up-sampled map and correlation
-        guidance. In CPU float32 inference only the up-sampled map goes there (a kernel writes it),
-        and the fusion conv reads it and the correlation guidance where they are.
+        is memory for the fusion conv's input (`ops.fusion_conv`).
         """
         x = self.attention(x, kv, k_sum, pooling)
         conv = self.conv.double_conv[0]
         c_up = self.up.out_channels
         per_class_weight = torch.cat([conv.weight[:, :c_up], conv.weight[:, c_up + self.guidance_channels :]], dim=1)
         norm1, _, conv2, norm2, _ = self.conv.double_conv[1:]
-        if fusion_input is not None and cpu_kernels.transposed_conv2x2_usable(x, self.up):
-            up = _channels_last_map(fusion_input, (x.shape[0], c_up, *correlation.shape[-2:]))
-            cpu_kernels.transposed_conv2x2_into(x, self.up, up, relu=False)
-            y = _conv_norm_relu(up, per_class_weight, conv, norm1, second=correlation, add=appearance_term)
-        else:
-            parts = [self.up(x), correlation]
-            concatenated = torch.cat(parts, dim=1) if fusion_input is None else torch.cat(parts, dim=1, out=fusion_input[: x.shape[0]])
-            y = _conv_norm_relu(concatenated, per_class_weight, conv, norm1, add=appearance_term)
-        return _conv_norm_relu(y, conv2.weight, conv2, norm2, out=out)
+        y = ops.fusion_conv(x, self.up, correlation, per_class_weight, conv, norm1, appearance_term, fusion_input)
+        return ops.conv3x3_norm_relu(y, conv2.weight, conv2, norm2, out=out)
 
 
 class SEDDecoder(nn.Module):
@@ -415,7 +367,7 @@ class SEDDecoder(nn.Module):
 
         spans = rows.chunk_spans(chunk_rows)
         chunks = self._embed_cost(cost, rows, spans)
-        stage_logits = [StageLogits(torch.cat([_head(self.head0, x.detach()) for x in chunks]).squeeze(1), rows)]
+        stage_logits = [StageLogits(torch.cat([ops.head(self.head0, x.detach()) for x in chunks]).squeeze(1), rows)]
         stages = (self.decoder1, self.decoder2, self.decoder3)
         heads = (self.head1, self.head2, self.head)
         for level, (stage, head) in enumerate(zip(stages, heads)):
@@ -456,7 +408,7 @@ class SEDDecoder(nn.Module):
             sums.set(image, image_sums)
         appearance_term = stage.appearance_term(appearance)
         stores = fusion_input = None
-        if not torch.is_grad_enabled() and not torch.is_autocast_enabled(appearance_term.device.type):
+        if _inference_stores(appearance_term):
             height, width = appearance_term.shape[-2:]
             if not last:
                 stores = _chunk_stores(spans, (stage.conv.double_conv[3].out_channels, height, width), appearance_term)
@@ -472,28 +424,25 @@ class SEDDecoder(nn.Module):
             correlation = self._correlation(cost, rows, first, end, level)
             out = None if stores is None else stores[i]
             y = stage(x, *sums.get(image), appearance_term[image : image + 1], correlation, pooling, out=out, fusion_input=fusion_input)
-            logits.append(_head(head, y if last else y.detach()).squeeze(1))
+            logits.append(ops.head(head, y if last else y.detach()).squeeze(1))
             if not last:
                 outputs.append(y)
         return outputs, torch.cat(logits)
 
     def _embed_cost(self, cost: torch.Tensor, rows: Rows, spans: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """`conv1` over the cost volume of each chunk of rows.
-
-        In float32 inference on CPU it goes through the FFT (`fft_conv.py`), on groups of whole
-        chunks of one image (the same groups in any batch, like the chunks).
-        """
-        weight, bias = self.conv1.weight, self.conv1.bias
-        if not fft_pays(cost, weight):
-            return [channels_last(self.conv1(channels_last(self._cost_rows(cost, rows, first, end)))) for _, first, end in spans]
-        chunks = _chunk_stores(spans, (weight.shape[0], *cost.shape[-2:]), cost)
-        done = 0
+        """`conv1` over the cost volume of each chunk of rows, on groups of whole chunks of one image
+        (the same groups in any batch, like the chunks: on CPUs through the FFT, whose per-frequency
+        products are faster on more rows); in inference into the chunk stores."""
+        stores = None
+        if _inference_stores(cost):
+            stores = _chunk_stores(spans, (self.conv1.out_channels, *cost.shape[-2:]), cost)
+        chunks: list[torch.Tensor] = []
         for group in _image_groups(spans, FFT_GROUP_ROWS):
-            first, end = group[0][1], group[-1][2]
-            y = fft_conv2d(self._cost_rows(cost, rows, first, end), weight, bias, self.conv1.padding[0], self._conv1_spectrum)
+            first = group[0][1]
+            y = ops.embed(self._cost_rows(cost, rows, first, group[-1][2]), self.conv1, self._conv1_spectrum)
             for _, span_first, span_end in group:
-                chunks[done].copy_(y[span_first - first : span_end - first])
-                done += 1
+                part = y[span_first - first : span_end - first]
+                chunks.append(stores[len(chunks)].copy_(part) if stores is not None else channels_last(part))
         return chunks
 
     @staticmethod
@@ -510,78 +459,14 @@ class SEDDecoder(nn.Module):
         """
         x = channels_last(self._cost_rows(cost, rows, first, end))
         for projection in self.decoder_corr_guidance_projection[: level + 1]:
-            x = _up_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
+            x = ops.transposed_conv2x2_relu(x, projection[0])  # projection: ConvTranspose2d then ReLU
         return x
 
 
-def _conv_norm_relu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    owner: nn.Conv2d,
-    norm: nn.GroupNorm,
-    second: torch.Tensor | None = None,
-    add: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`relu(norm(conv + add))`, one of the double conv's (3x3 conv, GroupNorm, ReLU), with the
-    conv as in `_conv3x3` and `add` (`(1, C, H, W)` or None) as in `group_norm_relu`.
-
-    In CPU float32 inference the Winograd kernel adds `add` and sums what it writes per row and
-    channel, so GroupNorm reads its input once instead of twice, and the add has no pass of its
-    own (measured on a 2-core AMD EPYC with AVX-512, side by side in both orders: the decoder 1-13%
-    faster at T=150, about 4% taking out the advantage of running first; equal at T=32).
-    """
-    add_usable = add is None or add.is_contiguous(memory_format=torch.channels_last)
-    if add_usable and _winograd_applies(x, weight, owner, second) and cpu_kernels.usable(x, norm.weight):
-        moments = torch.empty((x.shape[0], 2, weight.shape[0]), dtype=torch.float64, device=x.device)
-        y = cpu_kernels.winograd_conv3x3(x, weight, owner, second, add=add, moments=moments)
-        return cpu_kernels.group_norm_relu(y, norm, None, y if out is None else out, moments)
-    return group_norm_relu(_conv3x3(x, weight, owner, second), norm, add=add, out=out)
-
-
-def _conv3x3(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: torch.Tensor | None = None) -> torch.Tensor:
-    """The fusion convs (3x3, padding 1, no bias) with `weight` (`owner`'s, or made from it) over
-    `x`, or over `x` and `second` concatenated; in CPU float32 inference by Winograd's F(4x4, 3x3)
-    (`cpu_kernels.winograd_usable` says where), which reads both maps where they are."""
-    if _winograd_applies(x, weight, owner, second):
-        return cpu_kernels.winograd_conv3x3(x, weight, owner, second)
-    if second is not None:
-        x = torch.cat([x, second], dim=1)
-    return F.conv2d(x, weight, padding=owner.padding)
-
-
-def _winograd_applies(x: torch.Tensor, weight: torch.Tensor, owner: nn.Conv2d, second: torch.Tensor | None) -> bool:
-    """Whether the Winograd kernel computes `owner`'s conv (padding 1, stride 1, no dilation or bias)
-    with `weight` over `x` (and `second`)."""
-    plain = owner.padding == (1, 1) and owner.stride == (1, 1) and owner.dilation == (1, 1) and owner.bias is None
-    return plain and cpu_kernels.winograd_usable(x, weight, second)
-
-
-def _up_relu(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
-    """`relu(up(x))` for a 2x2 transposed conv with stride 2; in CPU float32 inference by the
-    transposed-conv kernel (measured on a 2-core AMD EPYC with AVX-512: the correlation guidance's
-    80 -> 32, 32 -> 16 and 16 -> 8 projections 10-20% faster than oneDNN's kernel alone; the
-    decoder at T=150 5-16% faster side by side in the two orders)."""
-    if not cpu_kernels.transposed_conv2x2_usable(x, up):
-        return up_relu(x, up)
-    out = torch.empty(
-        (x.shape[0], up.out_channels, 2 * x.shape[-2], 2 * x.shape[-1]), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
-    )
-    cpu_kernels.transposed_conv2x2_into(x, up, out, relu=True)
-    return out
-
-
-def _channels_last_map(buffer: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """A channels-last map of `shape` (N, C, H, W) over the start of the channels-last `buffer`'s
-    memory (which must hold at least as many elements)."""
-    n, channels, height, width = shape
-    memory = buffer.permute(0, 2, 3, 1).view(-1)
-    return memory[: n * channels * height * width].view(n, height, width, channels).permute(0, 3, 1, 2)
-
-
-def _head(head: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A head's logits `(n, 1, h, w)`; in CPU float32 inference through a kernel for one output channel."""
-    return cpu_kernels.single_channel_conv3x3(x, head) if cpu_kernels.head_usable(x, head) else head(x)
+def _inference_stores(like: torch.Tensor) -> bool:
+    """Whether chunks go into stores and buffers of their own: inference without autocast (in
+    training autograd keeps what it needs; under autocast the ops make their own dtypes)."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(like.device.type)
 
 
 def _chunk_stores(spans: Sequence[tuple[int, int, int]], row_shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import ops
 from .backbone import CLIPBackbone
 from .config import SEDConfig, resolve_clip_config
 from .decoder import SEDDecoder, StageLogits
@@ -177,16 +177,9 @@ class SED(nn.Module):
         return contextlib.nullcontext()
 
     def decoder_precision(self, precision: str) -> str:
-        """The decoder's precision in inference at `precision`.
-
-        bfloat16 decodes in float32 on a CPU with this package's fused kernels: they are float32
-        only, and there faster than PyTorch's bfloat16 operators (1.5x on an AVX-512 EPYC, which runs
-        bfloat16 natively) as well as exact. Only the backbone then runs in bfloat16. On a CPU the
-        first call builds or loads the kernels (`cpu_kernels.prepare`).
-        """
-        if precision == "bfloat16" and self.device.type == "cpu" and cpu_kernels.prepare():
-            return "float32"
-        return precision
+        """The decoder's precision in inference at `precision` (`ops.decoder_precision`: on a CPU
+        with the fused kernels bfloat16 decodes in float32; only the backbone runs in bfloat16)."""
+        return ops.decoder_precision(self.device, precision)
 
     def decoder_inputs(
         self, features: dict[str, torch.Tensor], text: torch.Tensor, precision: str

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_kernels
-from .allocator import keep_freed_memory
+from .cpu import kernels as cpu_kernels
+from .cpu.allocator import keep_freed_memory
 from .model import PRECISIONS, SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge

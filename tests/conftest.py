@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import sed_model
-from sed_model import cpu_kernels
+from sed_model.cpu import kernels as cpu_kernels
 from tests.helpers import load_reference, require_cpu_kernels, tiny_model
 
 

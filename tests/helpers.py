@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sed_model
-from sed_model import cpu_kernels
+from sed_model.cpu import kernels as cpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO.parent / "shared" / "reference"

@@ -27,7 +27,7 @@ from PIL import Image
 from schemas import png_unlabeled_value
 
 from ..label.commit import redact_url
-from ..storage import OutputStore
+from ..storage import OutputStore, filesystem, to_url
 from .rows import ReviewedJob, ReviewError, image_name, label_name
 
 LABELS, IMAGES = "labels", "images"
@@ -139,8 +139,10 @@ def training_spec(job: ReviewedJob, url: str, images: int) -> str:
     inference = spec["inference"]
     batch = min(FINE_TUNE_BATCH, images)
     resolution = inference.get("short_edge") or spec["model"]["image_size"]
+    fs, root = filesystem(url)
+    where = to_url(fs, root).rstrip("/") + "/"  # absolute: the spec may be run from anywhere
     document = {
-        "data": {"url": url},
+        "data": {"url": where},
         "taxonomy": _without_storage_options(spec["taxonomy"]),
         "model": _without_storage_options(spec["model"]),
         "recipe": {
@@ -150,7 +152,7 @@ def training_spec(job: ReviewedJob, url: str, images: int) -> str:
             "short_edge": resolution,
             "max_long_edge": inference.get("max_size") or 2666,
         },
-        "output": {"url": url.rstrip("/") + "/finetune/", "checkpoint_every": 1000},
+        "output": {"url": where + "finetune/", "checkpoint_every": 1000},
         "ray": {"address": spec["ray"].get("address")},
     }
     header = (

@@ -6,9 +6,9 @@ import pytest
 import torch
 from timm.models.convnext import ConvNeXtBlock
 
-from sed_model import cpu_kernels
+from sed_model.cpu import kernels as cpu_kernels
 from sed_model.backbone import _convnext_block_eval
-from sed_model.layout import channels_last
+from sed_model.cpu.layout import channels_last
 
 
 @pytest.mark.parametrize("channels, fused", [(32, True), (128, True), (144, False), (40, False)])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sed_model.decoder import ClassSums, LinearAttention
-from sed_model.layout import channels_last
+from sed_model.cpu.layout import channels_last
 
 
 def _paper_formula(attention: LinearAttention, x: torch.Tensor) -> torch.Tensor:

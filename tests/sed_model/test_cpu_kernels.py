@@ -1,4 +1,4 @@
-"""The fused CPU kernels (`sed_model/cpu_kernels.py`) against the PyTorch operators they replace."""
+"""The fused CPU kernels (`sed_model/cpu/kernels.py`) against the PyTorch operators they replace."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sed_model import cpu_kernels
-from sed_model.decoder import group_norm_relu
-from sed_model.layout import channels_last
+from sed_model.cpu import kernels as cpu_kernels
+from sed_model.ops import group_norm_relu
+from sed_model.cpu.layout import channels_last
 from tests.helpers import require_cpu_kernels, two_images_40_classes
 
 
@@ -342,7 +342,7 @@ def test_decoder_with_kernels_gives_the_operators_outputs(model_name, request, r
 
 def test_preparing_cpu_inference_loads_the_kernels_unless_they_are_off_and_a_predictor_does_not(tiny_pooling1, monkeypatch):
     import sed_model
-    from sed_model import allocator
+    from sed_model.cpu import allocator
 
     loads, allocator_calls = [], []
     monkeypatch.setattr(cpu_kernels, "available", lambda: loads.append(1) or True)

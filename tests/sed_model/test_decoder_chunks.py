@@ -7,7 +7,7 @@ import torch
 
 import sed_model
 from sed_model import decoder as decoder_module
-from sed_model.allocator import advise_huge_pages
+from sed_model.cpu.allocator import advise_huge_pages
 from sed_model.decoder import ConvNeXtBlock, Rows, _chunk_stores, _regroup
 from tests.helpers import two_images_40_classes
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sed_model import decoder as decoder_module
+from sed_model import ops
 from sed_model.decoder import SEDDecoder, _image_groups
-from sed_model.fft_conv import SpectrumCache, fft_conv2d, fft_pays
+from sed_model.cpu.fft_conv import SpectrumCache, fft_conv2d, fft_pays
 
 
 @pytest.mark.parametrize(("rows", "height", "width", "kernel"), [(3, 24, 24, 7), (2, 9, 13, 7), (1, 5, 4, 5), (4, 12, 12, 3)])
@@ -91,7 +91,7 @@ def test_decoder_logits_equal_with_and_without_fft(monkeypatch: pytest.MonkeyPat
     with torch.no_grad():
         fast = decoder(cost, appearance, pooling=1, top_k=3)
         assert decoder._conv1_spectrum._spectrum is not None  # the FFT route ran
-        monkeypatch.setattr(decoder_module, "fft_pays", lambda x, weight: False)
+        monkeypatch.setattr(ops, "fft_pays", lambda x, weight: False)
         direct = decoder(cost, appearance, pooling=1, top_k=3)
     for a, b in zip(fast, direct):
         assert torch.equal(a.rows.class_index, b.rows.class_index)

@@ -9,8 +9,8 @@ from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh
 from timm.models.convnext import ConvNeXtBlock
 
-from sed_model import layout
-from sed_model.allocator import keep_freed_memory
+from sed_model.cpu import layout
+from sed_model.cpu.allocator import keep_freed_memory
 
 
 @pytest.fixture

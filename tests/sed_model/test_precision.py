@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sed_model
-from sed_model import cpu_kernels
+from sed_model.cpu import kernels as cpu_kernels
 from tests.helpers import require_cpu_kernels
 
 

@@ -1,4 +1,4 @@
-// Fused CPU kernels for SED's decoder in float32 inference (see sed_model/cpu_kernels.py).
+// Fused CPU kernels for SED's decoder in float32 inference (see sed_model/cpu/kernels.py).
 //
 // Each kernel does in one or two passes over memory what PyTorch does in five to eight: the
 // decoder's class attention, GroupNorm + ReLU and narrow MLPs run on tensors of 10-40 MB per chunk
