@@ -47,7 +47,8 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[sed
     return model, info.sha256
 
 
-def encode_taxonomy(spec: ModelSpec, classes: list[str], templates: list[str]) -> tuple[torch.Tensor, str]:
-    """Text embeddings `(T, P, D)` on CPU, and the checkpoint hash they were computed with."""
-    model, checkpoint_hash = load_model(spec, "cpu")
+def encode_taxonomy(spec: ModelSpec, classes: list[str], templates: list[str], device: str = "cpu") -> tuple[torch.Tensor, str]:
+    """Text embeddings `(T, P, D)` (computed on `device`, returned on CPU), and the checkpoint hash
+    they were computed with."""
+    model, checkpoint_hash = load_model(spec, resolve_device(device))
     return model.encode_classes(classes, templates).cpu(), checkpoint_hash

@@ -57,13 +57,14 @@ def connect_ray(spec: RaySpec) -> bool:
     return True
 
 
-def encode_text_once(encode: Callable[..., Any], *args: Any) -> Any:
-    """Run `encode(*args)` (the text tower: a whole model load) in one CPU task and return its result.
+def encode_text_once(encode: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
+    """Run `encode(*args)` (the text tower: a whole model load) in one task (one CPU, and
+    `num_gpus`) and return its result.
 
     A checkpoint that cannot be read is a `PreflightError` naming `model.weights`.
     """
     try:
-        return ray.get(ray.remote(encode).options(num_cpus=1).remote(*args))
+        return ray.get(ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus).remote(*args))
     except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
         raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
 
@@ -170,8 +171,13 @@ def _actor_pool(spec: RaySpec) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=spec.num_actors.min, max_size=spec.num_actors.max)
 
 
-def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy) -> tuple[np.ndarray, str]:
+def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy, ray_spec: RaySpec | None = None) -> tuple[np.ndarray, str]:
     """The text embeddings `(T, P, D)` of the taxonomy's prompts and the checkpoint hash, computed
-    once (`encode_text_once`)."""
-    text_features, checkpoint_hash = encode_text_once(encode_taxonomy, model, list(taxonomy.prompts), list(taxonomy.templates))
+    once (`encode_text_once`): on a GPU where the job's actors have GPUs (T x 80 prompts through
+    ConvNeXt-B's text tower take minutes on one CPU thread, seconds on a GPU)."""
+    num_gpus = min(1.0, ray_spec.gpus_per_actor) if ray_spec is not None else 0
+    device = "cuda" if num_gpus > 0 else "cpu"
+    text_features, checkpoint_hash = encode_text_once(
+        encode_taxonomy, model, list(taxonomy.prompts), list(taxonomy.templates), device, num_gpus=num_gpus
+    )
     return text_features.numpy(), checkpoint_hash

@@ -12,6 +12,8 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
@@ -61,10 +63,27 @@ class CLIPBackbone(nn.Module):
         return features
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (N, context) -> L2-normalised text embeddings (N, D)."""
+        """Token ids (N, context) -> L2-normalised text embeddings (N, D).
+
+        CLIP's text tower is causal and pools the end-of-text token, so the padding after the
+        longest prompt's end changes nothing: it is cut (OpenCLIP runs all 77 positions). The same
+        computation on 10-20 positions instead of 77 for SED's templates: about 4x faster, which
+        matters at 80 templates per class (ConvNeXt-B: 8 prompts/s on one thread in full).
+        """
         if not self.has_text_tower:
             raise RuntimeError("this model's text tower was dropped (drop_text_tower): pass text embeddings computed elsewhere")
-        return self.clip.encode_text(tokens, normalize=True)
+        clip = self.clip
+        if clip.attn_mask is None or clip.text_pool_type not in ("argmax", "eos"):
+            return clip.encode_text(tokens, normalize=True)
+        length = int((tokens != 0).sum(dim=1).max())  # the longest prompt, its end-of-text token included
+        tokens = tokens[:, :length]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return F.normalize(x, dim=-1)
 
     def drop_text_tower(self) -> None:
         """Free the text tower, for a process that labels with text embeddings computed elsewhere.

@@ -39,12 +39,15 @@ def cluster():
     cluster.shutdown()
 
 
-def node_of(pid: int, nodes: list) -> object:
-    """The cluster node whose raylet started worker process `pid` (a raylet forks its workers)."""
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def node_of(pid: int, nodes: list) -> object | None:
+    """The cluster node whose raylet started worker process `pid` (a raylet forks its workers);
+    None for a process of no node here (another Ray's, or one a finished run left behind)."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:  # it ended meanwhile
+        return None
     matches = [node for node in nodes if node.all_processes["raylet"][0].process.pid == parent]
-    assert len(matches) == 1, f"worker {pid}'s parent {parent} is no worker node's raylet"
-    return matches[0]
+    return matches[0] if matches else None
 
 
 def test_a_lost_worker_node_costs_retries_not_rows(cluster, s3_server, tmp_path, reference):
@@ -81,8 +84,8 @@ def test_a_lost_worker_node_costs_retries_not_rows(cluster, s3_server, tmp_path,
     thread, outcome = run_in_thread(run_job, disturbed)
     wait_for(lambda: direct.invalidate_cache() or direct.glob(f"{bucket}/out/_committed/*.json"), "the first committed shard")
     wait_for(lambda: proxy.requests_held > 0, "the held image's read")
-    actors = pids_titled(b"MapWorker")
-    assert actors, "no model actor process found"
+    actors = [pid for pid in pids_titled(b"MapWorker") if node_of(pid, workers) is not None]
+    assert actors, "no model actor process found on this cluster's worker nodes"
     lost = node_of(actors[0], workers)
     proxy.release()
     time.sleep(2)  # the released task's rows reach the actor on the node about to be lost
