@@ -32,9 +32,26 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 240) -> N
         time.sleep(0.05)
 
 
-def pids_titled(fragment: bytes) -> list[int]:
+def parent_of(pid: int) -> int | None:
+    """A process's parent, or None if it has ended."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def local_raylet_pid() -> int:
+    """The raylet of the Ray this process started (`ray.init()` without an address)."""
+    import ray
+
+    return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+
+def pids_titled(fragment: bytes, raylets: set[int] | None = None) -> list[int]:
     """Processes whose command line holds `fragment`: Ray titles its workers by what they host
-    (`ray::RayTrainWorker`, Ray Data's actor pool `MapWorker(...)`)."""
+    (`ray::RayTrainWorker`, Ray Data's actor pool `MapWorker(...)`). With `raylets`, only the
+    workers those raylets started (a raylet forks its workers), not another Ray's or the leftovers
+    of an earlier run."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -43,4 +60,4 @@ def pids_titled(fragment: bytes) -> list[int]:
                     pids.append(int(entry.name))
             except OSError:
                 continue
-    return pids
+    return pids if raylets is None else [pid for pid in pids if parent_of(pid) in raylets]

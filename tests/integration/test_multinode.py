@@ -5,7 +5,6 @@ exactly one row per image, equal to an undisturbed run's."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -16,7 +15,7 @@ from tests.helpers import TINY_CHECKPOINT
 
 from .fault_proxy import FaultProxy
 from .helpers import free_port, read_rows, tiny_job, write_inputs
-from .processes import pids_titled, run_in_thread, wait_for
+from .processes import parent_of, pids_titled, run_in_thread, wait_for
 from .test_reliability import HELD_IMAGE, comparable
 
 # Three raylets and a job: about a minute on 2 cores.
@@ -39,15 +38,11 @@ def cluster():
     cluster.shutdown()
 
 
-def node_of(pid: int, nodes: list) -> object | None:
-    """The cluster node whose raylet started worker process `pid` (a raylet forks its workers);
-    None for a process of no node here (another Ray's, or one a finished run left behind)."""
-    try:
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:  # it ended meanwhile
-        return None
-    matches = [node for node in nodes if node.all_processes["raylet"][0].process.pid == parent]
-    return matches[0] if matches else None
+def node_of(pid: int, nodes: list) -> object:
+    """The cluster node whose raylet started worker process `pid` (a raylet forks its workers)."""
+    matches = [node for node in nodes if node.all_processes["raylet"][0].process.pid == parent_of(pid)]
+    assert len(matches) == 1, f"worker {pid} was started by no worker node's raylet"
+    return matches[0]
 
 
 def test_a_lost_worker_node_costs_retries_not_rows(cluster, s3_server, tmp_path, reference):
@@ -84,7 +79,7 @@ def test_a_lost_worker_node_costs_retries_not_rows(cluster, s3_server, tmp_path,
     thread, outcome = run_in_thread(run_job, disturbed)
     wait_for(lambda: direct.invalidate_cache() or direct.glob(f"{bucket}/out/_committed/*.json"), "the first committed shard")
     wait_for(lambda: proxy.requests_held > 0, "the held image's read")
-    actors = [pid for pid in pids_titled(b"MapWorker") if node_of(pid, workers) is not None]
+    actors = pids_titled(b"MapWorker", raylets={node.all_processes["raylet"][0].process.pid for node in workers})
     assert actors, "no model actor process found on this cluster's worker nodes"
     lost = node_of(actors[0], workers)
     proxy.release()

@@ -28,7 +28,7 @@ from tests.helpers import TINY_CHECKPOINT
 
 from .helpers import free_port, huge_declared_png, image_bytes, label_map_of, read_rows, tiny_job, write_inputs
 from .fault_proxy import FaultProxy
-from .processes import pids_titled, run_in_thread, wait_for
+from .processes import local_raylet_pid, pids_titled, run_in_thread, wait_for
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -102,7 +102,7 @@ def test_killed_model_actor_costs_a_retry_not_a_row(s3_job, undisturbed, s3_serv
     thread, outcome = run_in_thread(run_job, spec)
     wait_for(lambda: committed_markers(direct, bucket), "the first committed shard")
     wait_for(lambda: proxy.requests_held > 0, "the held image's read")
-    victims = pids_titled(b"MapWorker")
+    victims = pids_titled(b"MapWorker", raylets={local_raylet_pid()})
     assert victims, "no model actor process found"
     try:
         for pid in victims:

@@ -34,7 +34,7 @@ from pipeline.train.data import TrainDataError, labelled_data, load_batch
 from schemas import TaxonomySpec, TrainSpec
 from tests.helpers import TINY_CHECKPOINT
 
-from .processes import pids_titled, run_in_thread, wait_for
+from .processes import local_raylet_pid, pids_titled, run_in_thread, wait_for
 
 # Ray Train runs of several iterations: about 4 minutes in all on 2 cores.
 pytestmark = pytest.mark.slow
@@ -128,10 +128,11 @@ def test_validation_miou_is_the_evaluators_on_the_weights_of_that_iteration(trai
     assert summary.validation_miou == [(done, logged[done]["val_mIoU"]) for done in (2, 4, 6)]
     direct = {done: evaluate_checkpoint(checkpoint, Path(spec.data.url)) for done, checkpoint in zip((2, 4, 6), summary.checkpoints)}
     for done, expected in direct.items():
-        # Up to near-ties (each worker labels with its own thread count, so oneDNN may round differently):
-        # measured 0.01 apart, while successive evaluations are 10 mIoU apart.
+        # Up to near-ties (each worker labels and encodes the prompts with its own thread count, so
+        # oneDNN may round differently): measured 0.01-0.05 apart, while successive evaluations are
+        # 10 mIoU apart.
         for name in ("mIoU", "pACC", "mACC", "fwIoU"):
-            assert logged[done][f"val_{name}"] == pytest.approx(expected[name], abs=0.05), (done, name)
+            assert logged[done][f"val_{name}"] == pytest.approx(expected[name], abs=0.1), (done, name)
 
 
 def test_tensorboard_has_the_losses_and_the_validation(trained):
@@ -197,7 +198,7 @@ def test_a_killed_worker_costs_a_new_worker_group_from_the_last_state(trained, r
     thread, outcome = run_in_thread(run_training, again)
     state = tmp_path / "out" / STATE_FILE
     wait_for(lambda: state.exists() or not thread.is_alive(), "the first state", timeout=300)
-    victims = pids_titled(b"ray::RayTrainWorker")
+    victims = pids_titled(b"ray::RayTrainWorker", raylets={local_raylet_pid()})
     assert state.exists() and victims, outcome.get("error", "the run ended before its first state")
     os.kill(victims[0], signal.SIGKILL)
     thread.join(timeout=600)
