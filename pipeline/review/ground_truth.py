@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import yaml
 from PIL import Image
 
@@ -56,18 +55,17 @@ def unlabeled_value(job: ReviewedJob) -> int:
 def write_ground_truth(
     job: ReviewedJob,
     corrections: list[Correction],
+    rows_by_index: dict[int, dict[str, Any]],
     url: str,
     storage_options: dict[str, Any],
     input_storage_options: dict[str, Any],
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write the corrections as ground truth under `url`; returns the manifest."""
+    """Write the corrections (of the job's rows `rows_by_index`, by image index) as ground truth
+    under `url`; returns the manifest."""
     if not corrections:
         raise ReviewError("the export holds no annotated image: nothing to import")
-    scores = job.scores()
-    by_index = {index: i for i, index in enumerate(scores.column("image_index").to_pylist())}
-    chosen = scores.take(pa.array([by_index[c.image_index] for c in corrections], pa.int64()))
-    rows = job.rows(chosen)
+    rows = [rows_by_index[c.image_index] for c in corrections]
     images = job.image_bytes(rows, input_storage_options)
     labels = [label_name(row["image_id"]) for row in rows]
     _refuse_collisions(rows, labels)

@@ -102,10 +102,11 @@ class ReviewedJob:
         planned = {r["image_index"]: r for r in plan.filter(pc.is_in(plan.column("image_index"), indices)).to_pylist()}
         return [dict(planned[row["image_index"]], inline=None) for row in rows]
 
-    def image_bytes(self, rows: list[dict[str, Any]], storage_options: dict[str, Any]) -> list[bytes]:
-        """The source images of `rows`, read as the job read them (files, tar members, Parquet cells)."""
+    def image_bytes(self, rows: list[dict[str, Any]], storage_options: dict[str, Any], planned: list[dict[str, Any]] | None = None) -> list[bytes]:
+        """The source images of `rows`, read as the job read them (files, tar members, Parquet
+        cells); `planned`: their plan entries, if already read (`planned`)."""
         spec = self.record["spec"]["input"]
-        data = read_images(self.planned(rows), spec.get("image_column", "image"), storage_options)
+        data = read_images(planned or self.planned(rows), spec.get("image_column", "image"), storage_options)
         for row, value in zip(rows, data):
             if isinstance(value, Exception):
                 raise ReviewError(f"image {row['image_id']} ({redact_url(row['source'])}): cannot read it: {value}")

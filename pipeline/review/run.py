@@ -66,7 +66,7 @@ def export_review(job_url: str, job_options: dict[str, Any], settings: ExportSet
     label_maps = [label_map_of(row) for row in rows]
     margins = _margin_maps(job, rows)
     planned = job.planned(rows)
-    data = job.image_bytes(rows, settings.input_storage_options) if settings.copy_images else None
+    data = job.image_bytes(rows, settings.input_storage_options, planned) if settings.copy_images else None
     names = [image_name(row["image_id"], data[i]) if data else relative_name(row["image_id"]) for i, row in enumerate(rows)]
     files: dict[str, bytes] = {}
     if data:
@@ -213,13 +213,13 @@ def import_review(export: str, settings: ImportSettings) -> dict[str, Any]:
     if settings.tool == "label-studio":
         tasks = _read_json_export(export)
         indices = {int(t["data"]["sed_image_index"]) for t in tasks if isinstance(t.get("data"), dict) and "sed_image_index" in t["data"]}
-        sizes = _sizes(job, scores, indices)
-        found, untouched = label_studio.corrections(tasks, job.classes, sizes, unlabeled, unpainted)
+        rows = _labelled_rows(job, scores, indices)
+        found, untouched = label_studio.corrections(tasks, job.classes, _sizes(rows), unlabeled, unpainted)
         provenance.update(overlaps="the region drawn last wins", tasks_not_annotated=untouched)
     else:
-        found = _cvat_corrections(job, scores, export, unlabeled, unpainted, settings.reviewer)
+        found, rows = _cvat_corrections(job, scores, export, unlabeled, unpainted, settings.reviewer)
         provenance.update(overlaps="none: CVAT merges regions by z-order before it exports")
-    return write_ground_truth(job, found, settings.output, settings.output_storage_options, settings.input_storage_options, provenance)
+    return write_ground_truth(job, found, rows, settings.output, settings.output_storage_options, settings.input_storage_options, provenance)
 
 
 def _read_json_export(export: str) -> list[dict[str, Any]]:
@@ -233,14 +233,22 @@ def _read_json_export(export: str) -> list[dict[str, Any]]:
     return tasks
 
 
-def _sizes(job: ReviewedJob, scores: pa.Table, indices: set[int]) -> dict[int, tuple[int, int]]:
-    """(height, width) of the job's committed, labelled images among `indices`."""
+def _labelled_rows(job: ReviewedJob, scores: pa.Table, indices: set[int]) -> dict[int, dict[str, Any]]:
+    """The job's committed, labelled rows among `indices`, by image index (one read of their shards)."""
     chosen = scores.filter(pc.is_in(scores.column("image_index"), pa.array(sorted(indices), pa.int64())))
     chosen = chosen.filter(pc.equal(chosen.column("status"), STATUS_OK))
-    return {row["image_index"]: (row["height"], row["width"]) for row in job.rows(chosen)}
+    return {row["image_index"]: row for row in job.rows(chosen)}
 
 
-def _cvat_corrections(job: ReviewedJob, scores: pa.Table, export: str, unlabeled: int, unpainted: int | None, reviewer: str | None) -> list[Correction]:
+def _sizes(rows: dict[int, dict[str, Any]]) -> dict[int, tuple[int, int]]:
+    """(height, width) by image index."""
+    return {index: (row["height"], row["width"]) for index, row in rows.items()}
+
+
+def _cvat_corrections(
+    job: ReviewedJob, scores: pa.Table, export: str, unlabeled: int, unpainted: int | None, reviewer: str | None
+) -> tuple[list[Correction], dict[int, dict[str, Any]]]:
+    """The export's corrections, and the job's rows they correct (by image index)."""
     export_reader = cvat.SegmentationExport(export)
     masks = export_reader.masks()
     if not masks:
@@ -259,8 +267,10 @@ def _cvat_corrections(job: ReviewedJob, scores: pa.Table, export: str, unlabeled
     if ambiguous:
         raise ReviewError(f"{export}: {', '.join(sorted(ambiguous)[:5])}: several of the job's images have this name without extension")
     by_stem = {name: by_name[name] for name in masks}
-    sizes = _sizes(job, scores, {by_stem[name] for name in masks})
-    return [
+    rows = _labelled_rows(job, scores, set(by_stem.values()))
+    sizes = _sizes(rows)
+    found = [
         export_reader.correction(name, data, job.classes, by_stem[name], sizes[by_stem[name]], unlabeled, unpainted, reviewer)
         for name, data in sorted(masks.items())
     ]
+    return found, rows

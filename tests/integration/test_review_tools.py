@@ -184,6 +184,7 @@ def test_label_studio_round_trip_report_and_training_data(job, label_studio):
     agreement = json.loads((root / "job" / "report.json").read_text())["ground_truth"]
     assert agreement["images"] == 2 and 0 < agreement["metrics"]["pACC"] < 100
     spec = TrainSpec.model_validate(yaml.safe_load((truth / "train.yaml").read_text()))
+    assert Path(spec.data.url).is_absolute() and spec.output.url.startswith(str(truth))  # runs from any folder
     items = labelled_data(spec.data).items
     assert sorted(Path(item.image_url).name for item in items) == sorted(
         Path(rows[i]["image_id"]).name for i in (corrected_index, accepted_index)
