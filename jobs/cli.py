@@ -103,7 +103,9 @@ def _prepare_job(current: Session, spec: JobSpec, check_output: bool = True) -> 
 
 def _print_summary(summary: JobSummary, log_path: str) -> None:
     typer.echo(
-        f"{summary.images} images: {summary.ok} ok, {summary.errors} errors; "
+        f"{summary.images} images: {summary.ok} ok, {summary.errors} errors"
+        + (f", {summary.duplicates} duplicates (labels reused)" if summary.duplicates else "")
+        + "; "
         f"{summary.shards_committed} shards committed now, {summary.shards_done_before} before; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s"
     )

@@ -8,6 +8,7 @@ job and handed in (Ray resolves the object reference), never recomputed per acto
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from .model_loading import load_model, resolve_device
 from .process import prepare_process
 from .taxonomy import Taxonomy
 
+logger = logging.getLogger(__name__)
 UNLABELED = np.uint16(65535)  # internal label-map value for "no class" (below min_confidence, or a distractor)
 
 
@@ -58,7 +60,10 @@ class SEDInference:
             short_edge=self.settings.short_edge,
             max_size=self.settings.max_size,
             precision=self.settings.precision,
+            tiling=None if self.settings.tiling is None else sed_model.Tiling(**self.settings.tiling.model_dump()),
+            windows_per_call=self.settings.batch_size,
         )
+        logger.info("inference precision %s on %s (%s)", self.predictor.precision, device, self.predictor.precision_reason)
         self.taxonomy = taxonomy
         self.num_classes = len(taxonomy.classes)
         self.statistics = statistics
@@ -82,12 +87,18 @@ class SEDInference:
         unlabeled, distractor = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         mean_margin, low_margin_share = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
         margin_maps = np.empty(n, dtype=object)
-        ok = [i for i in range(n) if status[i] == STATUS_OK]
+        # Images that reuse another's labels (`label/registry.py`) carry no pixels and skip the model.
+        reuses = batch["label_source"] >= 0 if "label_source" in batch else np.zeros(n, bool)
+        ok = [i for i in range(n) if status[i] == STATUS_OK and not reuses[i]]
         started = time.perf_counter()
         results = self._label([torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in ok])
-        if self.statistics and self.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the model's time includes its last kernels
         seconds = (time.perf_counter() - started) / max(len(ok), 1)
+        model_seconds = np.zeros(n, dtype=np.float64)
+        tiled_windows = np.zeros(n, dtype=np.int32)
+        model_seconds[ok] = seconds  # the batch's time shared among the images the model labelled
+        labelled = set()
         for i, result in zip(ok, results):
             if isinstance(result, Exception):
                 status[i], error[i] = STATUS_ERROR, inference_error_message(result)
@@ -97,8 +108,10 @@ class SEDInference:
             mean_margin[i], low_margin_share[i], margin_maps[i] = self._uncertainty(result)
             top_prompts[i] = json.dumps(prompts)  # per present class: its winning prompt (groups), else null
             kept[i] = result.kept.cpu().numpy().astype(np.int32)
+            tiled_windows[i] = result.windows
+            labelled.add(i)
         for i in range(n):
-            if status[i] != STATUS_OK:
+            if i not in labelled:
                 label_maps[i] = np.zeros((1, 1), np.uint16)
                 class_ids[i] = np.zeros(0, np.int32)
                 mean_probs[i] = max_probs[i] = np.zeros(0, np.float32)
@@ -119,29 +132,30 @@ class SEDInference:
             distractor_area=distractor,
             mean_margin=mean_margin,
             low_margin_share=low_margin_share,
+            model_seconds=model_seconds,
+            tiled_windows=tiled_windows,
         )
         if self.margin_maps:
             out["margin_map"] = margin_maps
         if self.statistics:
-            out.update(self._preview_statistics(dict(zip(ok, results)), status, seconds))
+            out.update(self._preview_statistics(dict(zip(ok, results)), status))
         return out
 
-    def _preview_statistics(self, results: dict[int, Any], status: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
-        """What `sed-label preview` measures besides the labels: the model's time per image (and
-        whether this actor had labelled a batch before: its first also pays its start), the pixels
-        per (best, runner-up) prompt pair, and how many prompts won some pixel."""
+    def _preview_statistics(self, results: dict[int, Any], status: np.ndarray) -> dict[str, np.ndarray]:
+        """What `sed-label preview` measures besides the labels and the model's time: whether this
+        actor had labelled a batch before (its first also pays its start), the pixels per (best,
+        runner-up) prompt pair, and how many prompts won some pixel."""
         n = len(status)
         pairs, pair_counts = np.empty(n, dtype=object), np.empty(n, dtype=object)
         prompts_won = np.zeros(n, dtype=np.int64)
         for i in range(n):
             pairs[i] = pair_counts[i] = np.zeros(0, np.int64)
-            if status[i] == STATUS_OK:
+            if i in results and status[i] == STATUS_OK:
                 pairs[i], pair_counts[i] = self._runner_up_pairs(results[i])
                 prompts_won[i] = int(results[i].labels.unique().numel())
         warm = self.batches_labelled > 0
         self.batches_labelled += 1
         return {
-            "model_seconds": np.where(status == STATUS_OK, seconds, 0.0),
             "model_warm": np.full(n, warm),
             "runner_up_pairs": pairs,
             "runner_up_counts": pair_counts,

@@ -34,6 +34,7 @@ from .taxonomy import Taxonomy
 DECODE_BATCH_ROWS = 8  # images decoded per batch: what a read task holds in pixels at once
 READ_TASK_MAX_ROWS = 64  # plan rows per read task, at most: fewer tasks keep the driver's memory flat
 READ_TASK_MEMORY = 768 * 2**20  # Ray Data measured up to 730 MiB per read task
+Claim = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def connect_ray(spec: RaySpec) -> bool:
@@ -79,22 +80,26 @@ def rows_per_read_task(rows: int, cpus: int) -> int:
 
 
 def _decoded_rows_of_task(
-    task: pa.Table, plan: ray.ObjectRef | pa.Table, rows_per_task: int, **decode_options: Any
+    task: pa.Table, plan: ray.ObjectRef | pa.Table, rows_per_task: int, claim: Claim | None = None, **decode_options: Any
 ) -> Iterator[dict[str, Any]]:
     """The plan rows of the read tasks numbered in `task["id"]`, read and decoded
-    `DECODE_BATCH_ROWS` at a time (`read_and_decode`)."""
+    `DECODE_BATCH_ROWS` at a time (`read_and_decode`), each decoded batch passed through `claim`
+    if given (the labelling job's content registry: one call per registry actor per batch)."""
     prepare_process()
     table = plan if isinstance(plan, pa.Table) else ray.get(plan)
     rows = pa.concat_tables([table.slice(int(i) * rows_per_task, rows_per_task) for i in task.column("id").to_pylist()])
     for start in range(0, rows.num_rows, DECODE_BATCH_ROWS):
-        yield read_and_decode(rows.slice(start, DECODE_BATCH_ROWS), **decode_options)
+        batch = read_and_decode(rows.slice(start, DECODE_BATCH_ROWS), **decode_options)
+        yield batch if claim is None else claim(batch)
 
 
-def read_stage(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
+def read_stage(plan: pa.Table, source: InputSpec, fingerprints: bool = False, claim: Claim | None = None) -> ray.data.Dataset:
     """Plan rows -> decoded images (or error rows), read lazily by CPU tasks.
 
     The plan goes to the object store once; each read task slices its rows from it, so the
     driver creates no per-block objects up front and its memory stays flat as the job grows.
+    `fingerprints` adds each image's `content_hash` and `phash`; `claim` (which needs them) sees
+    every decoded batch in the read task (`label/registry.py`).
     """
     plan = inline_process_local_bytes(plan, source)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -115,6 +120,8 @@ def read_stage(plan: pa.Table, source: InputSpec) -> ray.data.Dataset:
         fn_kwargs={
             "plan": ray.put(plan),
             "rows_per_task": per_task,
+            "claim": claim,
+            "fingerprints": fingerprints or claim is not None,
             "image_column": source.image_column,
             "max_pixels": source.max_pixels,
             "storage_options": source.storage_options,

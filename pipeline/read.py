@@ -10,6 +10,7 @@ import pyarrow as pa
 from schemas import ACCESS_DENIED, NOT_FOUND, READ_FAILED, STATUS_ERROR, STATUS_OK
 
 from .decode import DecodeError, decode_image
+from .fingerprints import content_hash, perceptual_hash
 from .sources import read_images
 
 # An error row's image placeholder: it keeps the column's type without holding pixels.
@@ -31,9 +32,12 @@ def read_error_message(source: str, exc: Exception) -> str:
 
 
 def read_and_decode(
-    plan_rows: pa.Table, image_column: str, max_pixels: int, storage_options: dict[str, Any]
+    plan_rows: pa.Table, image_column: str, max_pixels: int, storage_options: dict[str, Any], fingerprints: bool = False
 ) -> dict[str, np.ndarray]:
-    """Read a batch of plan rows through fsspec and decode them on CPU; failures become error rows."""
+    """Read a batch of plan rows through fsspec and decode them on CPU; failures become error rows.
+
+    `fingerprints` adds each decoded image's `content_hash` and `phash` (`fingerprints.py`; null for
+    error rows)."""
     rows = plan_rows.to_pylist()
     data = read_images(rows, image_column, storage_options)
     images, statuses, errors, widths, heights = [], [], [], [], []
@@ -55,6 +59,10 @@ def read_and_decode(
         widths.append(0 if image is None else image.shape[1])
     image_array = np.empty(len(images), dtype=object)
     image_array[:] = images
+    hashes = {}
+    if fingerprints:
+        for name, function in (("content_hash", content_hash), ("phash", perceptual_hash)):
+            hashes[name] = np.array([function(image) if status == STATUS_OK else None for image, status in zip(images, statuses)], dtype=object)
     return {
         "image_index": np.array([r["image_index"] for r in rows], dtype=np.int64),
         "image_id": np.array([r["image_id"] for r in rows], dtype=object),
@@ -65,4 +73,5 @@ def read_and_decode(
         "width": np.array(widths, dtype=np.int32),
         "height": np.array(heights, dtype=np.int32),
         "image": image_array,
+        **hashes,
     }

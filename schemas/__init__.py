@@ -1,6 +1,6 @@
 """Data contracts of sed-label: the job and training specs (pydantic) and the output schemas (pyarrow)."""
 
-from .job import DEFAULT_MAX_PIXELS, JOB_SPEC_VERSION, ErrorBreakerSpec, PromptGroup, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RaySpec, TaxonomySpec
+from .job import DEFAULT_MAX_PIXELS, JOB_SPEC_VERSION, ErrorBreakerSpec, InferenceSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PromptGroup, RaySpec, TaxonomySpec, TilingSpec
 from .train import TRAIN_SPEC_VERSION, RecipeSpec, TrainDataSpec, TrainOutputSpec, TrainScalingSpec, TrainSpec, ValidationSpec
 from .labels import (
     ACCESS_DENIED,
@@ -37,6 +37,7 @@ __all__ = [
     "READ_FAILED",
     "DEFAULT_MAX_PIXELS",
     "InferenceSpec",
+    "TilingSpec",
     "InputSpec",
     "JOB_SPEC_VERSION",
     "JobSpec",

@@ -145,6 +145,21 @@ class ModelSpec(_Spec):
         return self
 
 
+class TilingSpec(_Spec):
+    """Large images labelled by overlapping windows at (a set scale of) their own resolution."""
+
+    window: int = Field(768, ge=32, multiple_of=4, description="window side in pixels at `scale` (the model's input size is best)")
+    overlap: float = Field(0.25, ge=0.0, le=0.75, description="share of a window its neighbours overlap")
+    min_side: int = Field(1536, ge=32, description="images whose short side exceeds this are tiled; the others take the protocol's resize")
+    scale: float = Field(1.0, gt=0.0, le=1.0, description="the tiled image's scale: 1.0 = native pixels, 0.5 = half")
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> "TilingSpec":
+        if self.min_side * self.scale < self.window:
+            raise ValueError(f"tiling.min_side x scale ({self.min_side} x {self.scale}) must be at least the window ({self.window})")
+        return self
+
+
 class InferenceSpec(_Spec):
     top_k: int | None = Field(8, ge=1, description="category early rejection (the paper's fast mode uses 8); null = exact")
     batch_size: int = Field(4, ge=1, description="images per model call")
@@ -152,9 +167,12 @@ class InferenceSpec(_Spec):
     short_edge: int | None = Field(640, ge=32, description="resize to this short side first, as the paper evaluates; null = feed as is")
     max_size: int = Field(2560, ge=32, description="cap on the long side of that resize")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the actor has a GPU")
-    precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="bfloat16 is faster where the hardware has it natively; its labels can differ from float32's"
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description="bfloat16 is faster where the hardware has it natively (GPUs; CPUs with AVX512-BF16 or AMX); its labels can "
+        "differ from float32's on a few pixels. auto = bfloat16 where native, else float32 (each actor decides for its device)",
     )
+    tiling: TilingSpec | None = Field(None, description="label large images by overlapping windows instead of shrinking them; null = off")
 
 
 class OutputSpec(_Spec):
@@ -218,6 +236,15 @@ class ErrorBreakerSpec(_Spec):
         return self
 
 
+class DuplicatesSpec(_Spec):
+    reuse_labels: bool = Field(
+        True,
+        description="an image with the same decoded pixels as one already labelled in this job reuses its labels (its row "
+        "names it in duplicate_of) instead of running the model again",
+    )
+    registry_actors: int = Field(2, ge=1, description="actors holding the job's content hashes, split by hash prefix (memory: about 130 bytes per distinct image)")
+
+
 class JobSpec(_Spec):
     version: Literal[1] = JOB_SPEC_VERSION
     input: InputSpec
@@ -231,6 +258,7 @@ class JobSpec(_Spec):
         description="stops a job whose failures are not the images' fault, before their rows are committed; "
         "null = never stop: every failure is committed as an error row",
     )
+    duplicates: DuplicatesSpec = Field(default_factory=DuplicatesSpec, description="exact duplicates labelled once")
 
     @model_validator(mode="after")
     def _gpu_needs_cuda(self) -> "JobSpec":

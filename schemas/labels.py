@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-LABELS_SCHEMA_VERSION = 3
+LABELS_SCHEMA_VERSION = 4
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -69,6 +69,11 @@ LABELS_SCHEMA = pa.schema(
         pa.field("mean_margin", pa.float32()),  # the image's mean pixel margin (see LOW_MARGIN); low = uncertain
         pa.field("low_margin_share", pa.float32()),  # share of its pixels with a margin under LOW_MARGIN
         pa.field("kept_classes", pa.list_(pa.int32())),  # prompts kept by early rejection (indices into job.json's "prompts")
+        pa.field("content_hash", pa.string()),  # SHA-256 of the decoded pixels and their shape (32 hex digits)
+        pa.field("phash", pa.string()),  # perceptual hash (imagehash's pHash, 16 hex digits): near-duplicates
+        pa.field("duplicate_of", pa.int64()),  # the image_index whose labels this row reuses (same content_hash)
+        pa.field("model_seconds", pa.float32()),  # the model's time on this image; a duplicate's: its original's, saved
+        pa.field("tiled_windows", pa.int32()),  # windows a large image was labelled in (inference.tiling); 0: whole
         pa.field("taxonomy_hash", pa.string(), nullable=False),
         pa.field("checkpoint_hash", pa.string(), nullable=False),
         pa.field("labeled_at", pa.timestamp("ms", tz="UTC"), nullable=False),
@@ -83,7 +88,9 @@ def read_labels_table(table: pa.Table) -> pa.Table:
     Version 1 (before taxonomy groups and distractors) gains `distractor_area` = 0 (it had no
     distractors) and a null `top_prompt` per class label (its classes were single prompts).
     Version 2 (before uncertainty scores) gains null `mean_margin` and `low_margin_share`: they were
-    not measured."""
+    not measured. Version 3 (before duplicates and tiling) gains null `content_hash`, `phash`,
+    `duplicate_of` and `model_seconds` (nothing was hashed, reused or timed) and `tiled_windows` 0
+    for its labelled rows (nothing was tiled)."""
     version = (table.schema.metadata or {}).get(b"sed_label.schema_version")
     if version is None:
         raise ValueError("not a sed-label labels table: no sed_label.schema_version in its metadata")
@@ -94,7 +101,9 @@ def read_labels_table(table: pa.Table) -> pa.Table:
         table = _upgrade_version_1(table)
     if version <= 2:
         table = _upgrade_version_2(table)
-    return table
+    if version <= 3:
+        table = _upgrade_version_3(table)
+    return table if version == LABELS_SCHEMA_VERSION else _as_current_version(table)
 
 
 def _upgrade_version_1(table: pa.Table) -> pa.Table:
@@ -117,10 +126,30 @@ def _upgrade_version_1(table: pa.Table) -> pa.Table:
 
 
 def _upgrade_version_2(table: pa.Table) -> pa.Table:
-    metadata = {**table.schema.metadata, b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
     at = table.column_names.index("kept_classes") if "kept_classes" in table.column_names else table.num_columns
     for name in ("low_margin_share", "mean_margin"):
         table = table.add_column(at, LABELS_SCHEMA.field(name), pa.nulls(table.num_rows, pa.float32()))
+    return table
+
+
+VERSION_4_COLUMNS = ("content_hash", "phash", "duplicate_of", "model_seconds", "tiled_windows")
+
+
+def _upgrade_version_3(table: pa.Table) -> pa.Table:
+    at = table.column_names.index("taxonomy_hash") if "taxonomy_hash" in table.column_names else table.num_columns
+    for name in reversed(VERSION_4_COLUMNS):
+        if name not in table.column_names:  # a table made from a newer one may still hold them
+            field = LABELS_SCHEMA.field(name)
+            values = pa.nulls(table.num_rows, field.type)
+            if name == "tiled_windows" and "status" in table.column_names:
+                values = pa.compute.if_else(pa.compute.equal(table["status"], STATUS_OK), pa.scalar(0, pa.int32()), values)
+            table = table.add_column(at, field, values)
+    return table
+
+
+def _as_current_version(table: pa.Table) -> pa.Table:
+    """An upgraded table says it is of the current version, in its column and its metadata."""
+    metadata = {**(table.schema.metadata or {}), b"sed_label.schema_version": str(LABELS_SCHEMA_VERSION).encode()}
     if "schema_version" in table.column_names:
         versions = pa.array([LABELS_SCHEMA_VERSION] * table.num_rows, pa.int16())
         table = table.set_column(table.column_names.index("schema_version"), LABELS_SCHEMA.field("schema_version"), versions)
@@ -132,7 +161,7 @@ def read_labels_parquet(data: bytes, columns: list[str] | None = None) -> pa.Tab
     and upgraded by `read_labels_table`; a column an older file lacks comes from the upgrade."""
     stored = pq.read_schema(pa.BufferReader(data)).names
     read = None if columns is None else [name for name in columns if name in stored]
-    if columns is not None and "distractor_area" in columns and "unlabeled_area" in stored:
+    if columns is not None and "distractor_area" in columns and "unlabeled_area" in stored and "unlabeled_area" not in read:
         read.append("unlabeled_area")  # the upgrade makes distractor_area from it
     table = read_labels_table(pq.read_table(pa.BufferReader(data), columns=read))
     return table if columns is None else table.select(columns)

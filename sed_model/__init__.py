@@ -13,8 +13,9 @@ from .config import PRESETS, SEDConfig, UnknownModelError
 from .loss import class_logits, sed_loss
 from .factory import create_model
 from .model import SED, Prediction, build_sed, cost_volume
-from .predictor import SEDPredictor, prepare_cpu_inference
+from .predictor import SEDPredictor, inference_precision, prepare_cpu_inference
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes, taxonomy_hash
+from .tiling import Tiling, label_tiled
 from .train_step import Recipe, build_grad_scaler, build_optimizer, build_schedule, train_step, training_precision
 from .transforms import resize_shortest_edge
 
@@ -30,6 +31,7 @@ __all__ = [
     "SEDConfig",
     "SEDPredictor",
     "TaxonomyError",
+    "Tiling",
     "UnknownModelError",
     "build_grad_scaler",
     "build_optimizer",
@@ -40,6 +42,8 @@ __all__ = [
     "encode_classes",
     "load_checkpoint",
     "load_clip_weights",
+    "inference_precision",
+    "label_tiled",
     "prepare_cpu_inference",
     "read_checkpoint",
     "resize_shortest_edge",

@@ -19,6 +19,7 @@ from . import ops
 from .backbone import CLIPBackbone
 from .config import SEDConfig, resolve_clip_config
 from .decoder import SEDDecoder, StageLogits
+from .ranking import RunningTop, margin
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes
 
 HEAD_NAMES = ("head", "head0", "head1", "head2")
@@ -62,6 +63,7 @@ class Labeling:
     kept_after: dict[str, torch.Tensor]
     runner_up: torch.Tensor | None = None  # (H, W) int64: the second class (-1 if one was kept), when asked
     margin: torch.Tensor | None = None  # (H, W) float: best minus second-best probability, when asked (`label_batch`)
+    windows: int = 0  # windows a tiled image was labelled in (`tiling.py`); 0: labelled whole
 
 
 @dataclass
@@ -258,7 +260,7 @@ class SED(nn.Module):
         images = list(images)
         sizes = _output_sizes(images, output_sizes)
         return [
-            Prediction(_resize(low.probs, size), low.kept, low.kept_after, text.shape[0])
+            Prediction(resize_probabilities(low.probs, size), low.kept, low.kept_after, text.shape[0])
             for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes)
         ]
 
@@ -288,22 +290,11 @@ class SED(nn.Module):
         sizes = _output_sizes(images, output_sizes)
         results = []
         for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes):
-            best = second = None
+            top = RunningTop(runner_up, class_groups)
             for start in range(0, low.kept.numel(), class_chunk):
-                resized = _resize(low.probs[start : start + class_chunk], size)
-                kept = low.kept[start : start + class_chunk]
-                if not runner_up:
-                    chunk_best = _top_one(resized, kept)
-                    best = chunk_best if best is None else _merge_best(best, chunk_best)
-                    continue
-                groups = kept if class_groups is None else class_groups.to(kept.device)[kept]
-                chunk_best, chunk_second = _top_two(resized, kept, groups)
-                if best is None:
-                    best, second = chunk_best, chunk_second
-                else:
-                    best, second = _merge_top_two(best, second, chunk_best, chunk_second, class_groups)
+                top.add(resize_probabilities(low.probs[start : start + class_chunk], size), low.kept[start : start + class_chunk])
             margin = _margin(low, class_groups, size) if margins else None
-            results.append(Labeling(best[1], best[0], low.kept, low.kept_after, second[1] if runner_up else None, margin))
+            results.append(Labeling(top.best[1], top.best[0], low.kept, low.kept_after, top.runner_up(), margin))
         return results
 
     @torch.no_grad()
@@ -327,60 +318,7 @@ def _margin(low: LowResolution, class_groups: torch.Tensor | None, size: tuple[i
     at the model's output resolution, then resized to `size` as the probabilities are. (At full
     resolution it would cost a second pass over every kept class's resized map, about as much as
     the labels themselves; the margin only ranks pixels and images by doubt.)"""
-    groups = low.kept if class_groups is None else class_groups.to(low.kept.device)[low.kept]
-    best, index = low.probs.max(dim=0)
-    rivals = low.probs.masked_fill(groups[:, None, None] == groups[index][None], -1.0)
-    margin = best - rivals.max(dim=0).values.clamp(min=0)
-    return _resize(margin[None], size)[0]
-
-
-def _top_one(probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    value, index = probs.max(dim=0)
-    return value, classes[index]
-
-
-def _top_two(probs: torch.Tensor, classes: torch.Tensor, groups: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Per pixel: (probability, class) of the best, then of the best of another group (-1 and
-    class -1 if none); both by `max`, so ties go to the lower index as for the labels alone."""
-    value, index = probs.max(dim=0)
-    rivals = probs.masked_fill(groups[:, None, None] == groups[index][None], -1.0)
-    second_value, second_index = rivals.max(dim=0)
-    second_class = torch.where(second_value >= 0, classes[second_index], torch.full_like(second_index, -1))
-    return (value, classes[index]), (second_value, second_class)
-
-
-def _merge_best(best: tuple[torch.Tensor, torch.Tensor], chunk_best: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running best after a later chunk of classes; on ties the earlier class wins."""
-    better = chunk_best[0] > best[0]
-    return torch.where(better, chunk_best[0], best[0]), torch.where(better, chunk_best[1], best[1])
-
-
-def _merge_top_two(
-    best: tuple[torch.Tensor, torch.Tensor],
-    second: tuple[torch.Tensor, torch.Tensor],
-    chunk_best: tuple[torch.Tensor, torch.Tensor],
-    chunk_second: tuple[torch.Tensor, torch.Tensor],
-    class_groups: torch.Tensor | None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The running (best, best of another group) after a later chunk of classes.
-
-    Each side's second is already of another group than its best. If both bests are of one group,
-    the new second is the higher of the two seconds; otherwise it is the losing best or the
-    winner's own second, whichever is higher. On equal probabilities the lower class wins."""
-    better = chunk_best[0] > best[0]
-    if class_groups is None:
-        same = torch.zeros_like(better)
-    else:
-        groups = class_groups.to(best[1].device)
-        same = groups[best[1]] == groups[chunk_best[1]]
-    rival = (
-        torch.where(same, second[0], torch.where(better, best[0], chunk_best[0])),
-        torch.where(same, second[1], torch.where(better, best[1], chunk_best[1])),
-    )
-    own = (torch.where(same | better, chunk_second[0], second[0]), torch.where(same | better, chunk_second[1], second[1]))
-    take_own = (own[0] > rival[0]) | ((own[0] == rival[0]) & (own[1] >= 0) & ((own[1] < rival[1]) | (rival[1] < 0)))
-    merged_second = (torch.where(take_own, own[0], rival[0]), torch.where(take_own, own[1], rival[1]))
-    return _merge_best(best, chunk_best), merged_second
+    return resize_probabilities(margin(low.probs, low.kept, class_groups)[None], size)[0]
 
 
 def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -391,7 +329,7 @@ def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[i
     return [tuple(size) for size in output_sizes]
 
 
-def _resize(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`(K, h, w)` -> `(K, H, W)`, bilinear with `align_corners=False`, in one step."""
     return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
 

@@ -78,10 +78,19 @@ def _float32_cpu_inference(x: Tensor, weight: Tensor) -> bool:
 def decoder_precision(device: torch.device, precision: str) -> str:
     """The decoder's precision in inference at `precision`: bfloat16 decodes in float32 on a CPU
     with the fused kernels (float32 only, and there faster than PyTorch's bfloat16 operators: 1.5x
-    on an AVX-512 EPYC that runs bfloat16 natively). The first call on a CPU builds or loads them."""
+    on an AVX-512 EPYC that runs bfloat16 natively; bfloat16 products inside the kernels were
+    tried: docs/performance.md). The first call on a CPU builds or loads them."""
     if precision == "bfloat16" and device.type == "cpu" and not _references_only and cpu.prepare():
         return "float32"
     return precision
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 runs at its native rate on `device`: GPUs of compute capability 8.0 on
+    (emulated bfloat16 on older ones is slow), CPUs whose oneDNN has AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and layout.onednn_bfloat16_native()
 
 
 # Pointwise layers (a Linear over the channel axis of an NCHW map) ------------------------------------
@@ -129,9 +138,24 @@ def _residual_mlp_fused(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activatio
     return cpu.pointwise_mlp(x, fc1, activation, fc2, residual=residual, scale=scale, out=out, norm=norm)
 
 
+def _residual_mlp_onednn_bf16_applies(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activation: str, fc2: nn.Linear, residual: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> bool:
+    return activation == "gelu" and fc1.bias is not None and fc2.bias is not None and _channels_last(x) and layout.bfloat16_cpu_inference(x)
+
+
+def _residual_mlp_onednn_bf16(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activation: str, fc2: nn.Linear, residual: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    return layout.residual_mlp_bfloat16(x, norm, fc1, fc2, residual, scale, out)
+
+
 # `residual + scale * fc2(activation(fc1(norm(x))))` over the channel axis (ConvNeXt blocks, class
 # attention's MLP); `out` (inference only) receives it and may be `residual` or `x`.
-residual_mlp = Op("residual_mlp", _residual_mlp_reference, (Kernel("fused_cpu", _residual_mlp_fused_applies, _residual_mlp_fused),))
+residual_mlp = Op(
+    "residual_mlp",
+    _residual_mlp_reference,
+    (
+        Kernel("fused_cpu", _residual_mlp_fused_applies, _residual_mlp_fused),
+        Kernel("onednn_bf16", _residual_mlp_onednn_bf16_applies, _residual_mlp_onednn_bf16),
+    ),
+)
 
 
 # Class attention's linear attention (elu + 1 feature map), per image over its classes -------------------

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from . import ops
 from .cpu import kernels as cpu_kernels
 from .cpu.allocator import keep_freed_memory
 from .model import PRECISIONS, SED, Labeling, Prediction
 from .text import IMAGENET_TEMPLATES, taxonomy_hash
+from .tiling import Tiling, label_tiled
 from .transforms import EVAL_MAX_SIZE, EVAL_SHORT_EDGE, resize_shortest_edge
 
 
@@ -34,6 +36,22 @@ def prepare_cpu_inference() -> bool:
     return cpu_kernels.prepare()
 
 
+def inference_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """`requested` ("auto", "float32" or "bfloat16") on `device` -> (precision, why). "auto" is
+    bfloat16 where it runs natively (GPUs of compute capability 8.0 on; CPUs with AVX512-BF16 or
+    AMX, where oneDNN's bfloat16 products run at 2-10x float32's rate), float32 elsewhere (emulated
+    bfloat16 is several times slower than float32)."""
+    if requested != "auto":
+        if requested not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {requested!r}")
+        return requested, "as asked"
+    if ops.native_bfloat16(device):
+        return "bfloat16", f"auto: this {device.type.upper()} runs bfloat16 natively"
+    if device.type == "cpu":
+        return "float32", "auto: this CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated (slower than float32)"
+    return "float32", f"auto: this {device.type.upper()} has no native bfloat16"
+
+
 class SEDPredictor:
     """`set_taxonomy` once, then `predict` / `predict_batch` many times.
 
@@ -48,12 +66,20 @@ class SEDPredictor:
         short_edge: int | None = EVAL_SHORT_EDGE,
         max_size: int = EVAL_MAX_SIZE,
         precision: str = "float32",
+        tiling: Tiling | None = None,
+        windows_per_call: int = 4,
     ) -> None:
+        """`precision`: "float32", "bfloat16", or "auto" (`inference_precision`: bfloat16 where
+        the model's device runs it natively); the one it resolved to is `self.precision`, and
+        why, `self.precision_reason`. `tiling`: `label_batch` labels the images it applies to by
+        overlapping windows at their own resolution (`tiling.py`), `windows_per_call` per model
+        call, instead of shrinking them; `predict_batch` never tiles (its `(T, H, W)` output is
+        what tiling avoids)."""
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (exact), got {top_k}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        self.precision, self.precision_reason = inference_precision(precision, model.device)
+        self.tiling = tiling
+        self.windows_per_call = windows_per_call
         self.model = model.eval()
         self.top_k = top_k
         self.short_edge = short_edge
@@ -106,17 +132,43 @@ class SEDPredictor:
         """Label maps and confidences only (with `runner_up`, each pixel's second class; with
         `margins`, its margin over the second; of another group, with `class_groups`): memory
         bounded whatever the taxonomy size."""
-        prepared, sizes = self._inputs(images)
-        return self.model.label_batch(
-            prepared,
-            self.text_features,
-            self.top_k,
-            output_sizes=sizes,
-            precision=self.precision,
-            runner_up=runner_up,
-            class_groups=class_groups,
-            margins=margins,
-        )
+        images = list(images)
+        tiled = [self.tiling is not None and self.tiling.applies(*image.shape[-2:]) for image in images]
+        whole = [image for image, tile in zip(images, tiled) if not tile]
+        results = iter([])
+        if whole:
+            prepared, sizes = self._inputs(whole)
+            results = iter(
+                self.model.label_batch(
+                    prepared,
+                    self.text_features,
+                    self.top_k,
+                    output_sizes=sizes,
+                    precision=self.precision,
+                    runner_up=runner_up,
+                    class_groups=class_groups,
+                    margins=margins,
+                )
+            )
+        elif self.text_features is None:
+            raise RuntimeError("call set_taxonomy(...) before predict")
+        return [
+            label_tiled(
+                self.model,
+                image,
+                self.text_features,
+                self.tiling,
+                self.top_k,
+                self.precision,
+                self.windows_per_call,
+                runner_up=runner_up,
+                class_groups=class_groups,
+                margins=margins,
+            )
+            if tile
+            else next(results)
+            for image, tile in zip(images, tiled)
+        ]
 
     def predict(self, image: torch.Tensor) -> Prediction:
         return self.predict_batch([image])[0]

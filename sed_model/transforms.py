@@ -28,6 +28,11 @@ def resize_shortest_edge(
     new_height, new_width = shortest_edge_size(height, width, short_edge, max_size)
     if (new_height, new_width) == (height, width):
         return image
+    return resize_image(image, new_height, new_width)
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 `(3, H, W)` -> uint8 `(3, height, width)`, PIL bilinear on uint8 (the protocol's resize)."""
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-    resized = np.array(pil.resize((new_width, new_height), Image.BILINEAR))
+    resized = np.array(pil.resize((width, height), Image.BILINEAR))
     return torch.from_numpy(resized).permute(2, 0, 1).contiguous()

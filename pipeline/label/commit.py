@@ -67,6 +67,8 @@ def job_fingerprint(spec: JobSpec, taxonomy_hash: str, checkpoint_hash: str) -> 
         "model": {"clip_model": spec.model.clip_model, "image_size": spec.model.image_size, "checkpoint_hash": checkpoint_hash},
         "inference": spec.inference.model_dump(exclude={"batch_size", "device"}),
     }
+    if identity["inference"]["tiling"] is None:  # jobs without tiling keep the fingerprint they had before the option
+        del identity["inference"]["tiling"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

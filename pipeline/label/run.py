@@ -42,7 +42,9 @@ from ..taxonomy import Taxonomy, load_taxonomy
 from .breaker import ErrorBreaker, ErrorRateExceeded, is_watched
 from .coco import coco_categories
 from .commit import COCO_DIR, JOB_FILE, MERGED_COCO_FILE, SUMMARY_FILE, JobConflictError, JobOutput, job_fingerprint, redact
+from .duplicates import DuplicateResolver
 from .encode import encode_labels
+from .registry import RegistryClient, start_registry
 from .writers import ShardWriter
 
 # Shards committed at once by the driver's threads (each is three requests: Parquet, COCO, marker).
@@ -59,6 +61,7 @@ class JobSummary:
     images: int = 0
     ok: int = 0
     errors: int = 0
+    duplicates: int = 0
     shards_total: int = 0
     shards_done_before: int = 0
     shards_committed: int = 0
@@ -133,12 +136,13 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = 
             progress.note(
                 f"{plan.num_rows} images in {len(shard_sizes)} shards; {len(done_before)} already committed, {len(pending)} to do"
             )
-            job = _Job(spec, taxonomy, checkpoint_hash, fingerprint, store, shard_sizes, progress)
+            job = _Job(spec, taxonomy, checkpoint_hash, fingerprint, store, shard_sizes, progress, done_before)
             job.label(text_features, plan, pending)
         markers = store.committed_shards()
         summary.images = sum(m["images"] for m in markers.values())
         summary.ok = sum(m["ok"] for m in markers.values())
         summary.errors = sum(m["errors"] for m in markers.values())
+        summary.duplicates = sum(m.get("duplicates", 0) for m in markers.values())
         summary.shards_committed = len(markers) - len(done_before)
         labelled_now = sum(m["images"] for shard, m in markers.items() if shard not in done_before)
         summary.errors_by_reason = _errors_by_reason(store, markers)
@@ -168,6 +172,7 @@ class _Job:
         store: JobOutput,
         shard_sizes: dict[str, int],
         progress: Progress,
+        done_before: set[str],
     ) -> None:
         self.spec = spec
         self.taxonomy = taxonomy
@@ -176,10 +181,17 @@ class _Job:
         self.store = store
         self.shard_sizes = shard_sizes
         self.progress = progress
+        # Exact duplicates (`registry.py`, `duplicates.py`): the shards whose rows the driver holds
+        # (a shard joins `committed` before it leaves `live`), and the copies waiting for their originals.
+        self.live: dict[str, ShardWriter] = {}
+        self.committed = set(done_before)
+        self.registry: RegistryClient | None = None
+        self.resolver = DuplicateResolver(store, spec.input.shard_size, len(taxonomy.classes), self.live, self.committed)
 
     def dataset(self, text_features: np.ndarray, plan: pa.Table, pending: list[str]) -> ray.data.Dataset:
         spec = self.spec
-        ds = read_stage(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input)
+        claim = self.registry.claim if self.registry is not None else None
+        ds = read_stage(plan.filter(pc.is_in(plan.column("shard_id"), pa.array(pending))), spec.input, fingerprints=True, claim=claim)
         margin_maps = "confidence" in spec.output.formats
         ds = model_stage(ds, spec.model, spec.inference, self.taxonomy, text_features, self.checkpoint_hash, spec.ray, margin_maps=margin_maps)
         return ds.map_batches(
@@ -190,6 +202,9 @@ class _Job:
                 "checkpoint_hash": self.checkpoint_hash,
                 "output": {"url": spec.output.url, "storage_options": spec.output.storage_options},
                 "formats": tuple(spec.output.formats),
+                # Copies of committed rows get their labels in the encode tasks, where those can
+                # read the output; otherwise (memory://) the driver gives them.
+                "shard_size": None if is_process_local(self.store.fs) else spec.input.shard_size,
             },
             batch_format="numpy",
             num_cpus=0.5,
@@ -200,6 +215,15 @@ class _Job:
             "sed_label.classes": json.dumps(list(self.taxonomy.classes)),
             "sed_label.job_fingerprint": self.fingerprint,
         }
+        if self.spec.duplicates.reuse_labels:
+            self.registry = start_registry(self.spec.duplicates.registry_actors, self.spec.input.shard_size, self.store, sorted(self.committed))
+        try:
+            self._label(text_features, plan, pending, metadata)
+        finally:
+            if self.registry is not None:
+                self.registry.close()
+
+    def _label(self, text_features: np.ndarray, plan: pa.Table, pending: list[str], metadata: dict[str, str]) -> None:
         writers: dict[str, ShardWriter] = {}
         breaker = ErrorBreaker(self.spec.error_breaker)
         held: list[tuple[int, ShardWriter]] = []  # (rows seen when it may commit, shard) with watched failures
@@ -219,7 +243,10 @@ class _Job:
         _raise_failed(commits)  # the pool has finished every commit
         if writers:
             missing = {s: w.expected_rows - w.rows for s, w in writers.items()}
-            raise RuntimeError(f"shards ended incomplete (rows missing per shard: {missing}); rerun the job to finish them")
+            raise RuntimeError(
+                f"shards ended incomplete (rows missing per shard: {missing}; {self.resolver.parked} of them copies whose "
+                "original never came); rerun the job to finish them"
+            )
 
     def _label_batches(
         self,
@@ -262,10 +289,11 @@ class _Job:
     def _complete_shards(self, batch: pa.Table, writers: dict[str, ShardWriter], metadata: dict[str, str]) -> list[ShardWriter]:
         """Hand a batch's rows to their shards' writers; return the writers of the shards now complete."""
         complete = []
+        batch = self.resolver.resolve(batch)
         for shard in pc.unique(batch.column("shard_id")).to_pylist():
             writer = writers.get(shard)
             if writer is None:
-                writer = writers[shard] = ShardWriter(
+                writer = writers[shard] = self.live[shard] = ShardWriter(
                     self.store, shard, self.shard_sizes[shard], self.spec.output.formats, self.taxonomy.classes, metadata
                 )
             writer.add(batch.filter(pc.equal(batch.column("shard_id"), shard)))
@@ -284,6 +312,10 @@ class _Job:
 
     def _commit(self, writer: ShardWriter) -> None:
         stats = writer.commit()
+        self.committed.add(writer.shard_id)  # before it leaves `live`: see DuplicateResolver
+        del self.live[writer.shard_id]
+        if self.registry is not None:
+            self.registry.mark_committed([writer.shard_id])
         self.progress.note(f"shard {writer.shard_id} committed: {stats['ok']} ok, {stats['errors']} errors")
 
 

@@ -81,6 +81,7 @@ class ShardWriter:
             "ok": table.num_rows - errors,
             "errors": errors,
             "errors_by_reason": reasons,
+            "duplicates": table.num_rows - table.column("duplicate_of").null_count,
             "files": files,
             "seconds": round(time.monotonic() - self.started, 3),
             "committed_at": time.time(),

@@ -7,7 +7,9 @@ import posixpath
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from schemas import DEFAULT_MAX_PIXELS
@@ -22,10 +24,14 @@ from ..metrics import SemSegEvaluator
 from ..sources import read_images
 from ..storage import filesystem, to_url
 from . import figures
+from .near_duplicates import MAX_DISTANCE, near_duplicate_groups
 from .stats import ImageSummary, LabelStatistics
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+NEAR_DUPLICATES_FILE = "near_duplicates.parquet"
+NEAR_DUPLICATE_GROUPS_LISTED = 50  # in report.json and the page, largest first; the Parquet file has them all
+NEAR_DUPLICATE_IDS_LISTED = 20  # image ids listed per group there
 GROUND_TRUTH_EXTENSIONS = (".png", ".tif", ".tiff")
 
 
@@ -119,6 +125,39 @@ def gallery(plan_rows: dict[int, dict], entries: list[ImageSummary], colours: np
     return items
 
 
+def near_duplicates(store: JobOutput, stats: LabelStatistics) -> dict[str, Any]:
+    """Group the rows' perceptual hashes (`near_duplicates.py`); write every grouped image to
+    `near_duplicates.parquet` (group, image_index, image_id, phash) and return the summary with the
+    largest groups. The image ids come from the plan, for the grouped images only."""
+    hashes = np.frombuffer(stats.phashes, dtype=np.uint64)
+    indices = np.frombuffer(stats.phash_indices, dtype=np.int64)
+    groups = near_duplicate_groups(hashes)
+    grouped = groups >= 0
+    plan = store.read_plan()
+    members = pa.table({"group": groups[grouped], "image_index": indices[grouped], "phash": pa.array([f"{h:016x}" for h in hashes[grouped].tolist()], pa.string())})
+    ids = plan.select(["image_index", "image_id"]).filter(pc.is_in(plan.column("image_index"), members.column("image_index")))
+    members = members.join(ids, "image_index").sort_by([("group", "ascending"), ("image_index", "ascending")])
+    members = members.select(["group", "image_index", "image_id", "phash"])
+    sink = pa.BufferOutputStream()
+    pq.write_table(members, sink, compression="zstd")
+    store.write(NEAR_DUPLICATES_FILE, sink.getvalue().to_pybytes())
+    listed = members.filter(pc.less(members.column("group"), NEAR_DUPLICATE_GROUPS_LISTED)).to_pylist()
+    largest: list[dict[str, Any]] = []
+    for member in listed:
+        if not largest or largest[-1]["group"] != member["group"]:
+            largest.append({"group": member["group"], "images": 0, "image_ids": []})
+        largest[-1]["images"] += 1
+        if len(largest[-1]["image_ids"]) < NEAR_DUPLICATE_IDS_LISTED:
+            largest[-1]["image_ids"].append(member["image_id"])
+    return {
+        "max_hamming_distance": MAX_DISTANCE,
+        "groups": int(groups.max()) + 1 if grouped.any() else 0,
+        "images": int(grouped.sum()),
+        "file": NEAR_DUPLICATES_FILE,
+        "largest_groups": largest,
+    }
+
+
 def build_report(
     output_url: str,
     storage_options: dict[str, Any] | None = None,
@@ -152,6 +191,7 @@ def build_report(
         "images_planned": record["images"],
         "complete": stats.images == record["images"],
         "labels": stats.to_dict(),
+        "near_duplicates": near_duplicates(store, stats),
     }
     if truth is not None:
         report["ground_truth"] = {"url": ground_truth, **truth.results()}

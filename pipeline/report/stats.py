@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from schemas import STATUS_OK, error_reason
+
+from ..fingerprints import phash_bits
 
 HISTOGRAM_BINS = 20
 
@@ -40,6 +43,9 @@ class LabelStatistics:
     total_pixels: int = 0
     unlabeled_pixels: int = 0
     distractor_pixels: int = 0
+    duplicates: int = 0  # rows that reuse another's labels (duplicate_of)
+    model_seconds: float = 0.0  # the model's time on the rows it labelled
+    model_seconds_saved: float = 0.0  # the time their originals took, summed over the duplicates
     _per_minute: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -53,15 +59,25 @@ class LabelStatistics:
         self._sample: list[ImageSummary] = []
         self._random = random.Random(self.seed)
         self._seen_ok = 0
+        # Every ok row's perceptual hash and index, 16 bytes a row, for the near-duplicate groups.
+        self.phashes, self.phash_indices = array("Q"), array("q")
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.images += 1
+        if row.get("duplicate_of") is not None:
+            self.duplicates += 1
+            self.model_seconds_saved += row["model_seconds"] or 0.0
         if row["status"] != STATUS_OK:
             self.errors_by_reason[error_reason(row["error"])] += 1
             if len(self.error_examples) < 20:
                 self.error_examples.append({"image_id": row["image_id"], "error": row["error"] or ""})
             return
         self.ok += 1
+        if row.get("duplicate_of") is None:
+            self.model_seconds += row.get("model_seconds") or 0.0
+        if row.get("phash") is not None:
+            self.phashes.append(phash_bits(row["phash"]))
+            self.phash_indices.append(row["image_index"])
         pixels = row["width"] * row["height"]
         self.total_pixels += pixels
         self.unlabeled_pixels += row["unlabeled_area"] or 0
@@ -115,6 +131,9 @@ class LabelStatistics:
             "images": self.images,
             "ok": self.ok,
             "errors": self.images - self.ok,
+            "duplicates": self.duplicates,
+            "model_seconds": round(self.model_seconds, 3),
+            "model_seconds_saved": round(self.model_seconds_saved, 3),
             "errors_by_reason": dict(self.errors_by_reason.most_common()),
             "error_examples": self.error_examples,
             "unlabeled_share": self.unlabeled_pixels / labelled,

@@ -32,8 +32,10 @@ def read_rows(store: JobOutput) -> list[dict]:
     return pa.concat_tables(tables).to_pylist() if tables else []
 
 
-def model_labels(model: sed_model.SED, data: bytes, top_k: int | None, text: torch.Tensor, classes: list[str]) -> tuple[np.ndarray, list[int]]:
-    predictor = sed_model.SEDPredictor(model, top_k=top_k)
+def model_labels(
+    model: sed_model.SED, data: bytes, top_k: int | None, text: torch.Tensor, classes: list[str], tiling: sed_model.Tiling | None = None
+) -> tuple[np.ndarray, list[int]]:
+    predictor = sed_model.SEDPredictor(model, top_k=top_k, tiling=tiling)
     predictor.set_taxonomy(classes, text_features=text)
     image = torch.from_numpy(decode_image(data, 50_000_000)).permute(2, 0, 1)
     labeling = predictor.label_batch([image])[0]

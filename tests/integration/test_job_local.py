@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+import sed_model
 from pipeline.label import JobConflictError, JobOutput, run_job
 from pipeline.label.commit import COMMITTED_DIR, JOB_FILE, MERGED_COCO_FILE
 from pipeline.model_loading import load_model
 
-from .helpers import label_map_of, model_labels, read_rows, tiny_job, write_inputs
+from .helpers import image_bytes, label_map_of, model_labels, read_rows, tiny_job, write_inputs
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -211,3 +212,24 @@ def test_a_grouped_taxonomy_with_distractors_speaks_in_output_classes(tmp_path, 
         png = next(Path(store.path("png", row["shard_id"])).glob(f"{row['image_index']:09d}_*.png"))
         assert set(np.unique(np.array(Image.open(png)))) <= {0, 1, 2, 255}
     assert distractor_pixels > 0  # the distractor won pixels: the case is not vacuous
+
+
+def test_large_images_are_tiled_at_their_own_size(tmp_path, reference):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "scan.png").write_bytes(image_bytes(1200, 900, seed=7))
+    (folder / "photo.png").write_bytes(image_bytes(400, 300, seed=8))
+    tiling = {"window": 256, "overlap": 0.25, "min_side": 600}
+    spec = tiny_job(reference, str(folder), str(tmp_path / "out"), inference__tiling=tiling)
+    run_job(spec)
+    rows = {r["image_id"]: r for r in read_rows(JobOutput(spec.output.url))}
+    expected_windows = sed_model.Tiling(**tiling).windows(900, 1200)
+    assert expected_windows == 5 * 6 and rows["scan.png"]["tiled_windows"] == expected_windows
+    assert rows["photo.png"]["tiled_windows"] == 0
+    model, _ = load_model(spec.model)
+    for name, row in rows.items():
+        data = (folder / name).read_bytes()
+        expected, kept = model_labels(model, data, 2, reference["text_features"], reference["classes"], sed_model.Tiling(**tiling))
+        actual = label_map_of(row)
+        assert actual.shape == expected.shape == (row["height"], row["width"])
+        assert row["kept_classes"] == kept and (actual == expected).mean() > 0.999, name

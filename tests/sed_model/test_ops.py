@@ -5,10 +5,14 @@ The layers are a ConvNeXt-B decoder's (128 -> 64 -> 32 -> 16 channels, guidance 
 24x24), which changes nothing in what the kernels compute per position. Each case checks that the
 kernel named runs for it (the test is not vacuous), that it gives the reference's result, and that
 outside float32 CPU inference (autograd, bfloat16) the reference runs instead.
+
+The backbone's bfloat16 kernel runs under bfloat16 autocast and is compared with the reference
+under the same autocast, by relative RMS error (the two round at different steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from sed_model import ops
+from sed_model.cpu import layout
 from sed_model.cpu.fft_conv import SpectrumCache
 from sed_model.decoder import SEDDecoder
 from tests.helpers import require_cpu_kernels
@@ -36,6 +41,11 @@ class Case:
     make: Callable[[], tuple[tuple, dict[str, Any]]]
     tolerance: float = 2e-5
     id: str = ""
+    mode: str = "float32"  # or "autocast" (bfloat16): the context the kernel runs in
+    relative_rms: float = 0.0  # autocast: the largest RMS error relative to the reference's RMS
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.mode == "autocast" else contextlib.nullcontext()
 
 
 def _decoder() -> SEDDecoder:
@@ -44,6 +54,16 @@ def _decoder() -> SEDDecoder:
     for parameter in decoder.parameters():  # away from init values (GroupNorm's 1 and 0, layer scale's 1)
         parameter.data.add_(0.1 * torch.randn_like(parameter))
     return decoder.eval()
+
+
+def _convnext_block(width: int) -> torch.nn.Module:
+    torch.manual_seed(width)
+    block = torch.nn.Module()
+    block.norm, block.fc1, block.fc2 = torch.nn.LayerNorm(width, eps=1e-6), torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+    block.gamma = torch.nn.Parameter(0.1 * torch.rand(width))
+    for parameter in block.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    return block.eval()
 
 
 def cases() -> list[Case]:
@@ -119,6 +139,17 @@ def cases() -> list[Case]:
                 id=f"correlation{level}",
             )
         )
+    for width in (128, 256):  # the backbone's blocks in bfloat16 autocast (ConvNeXt-B's first two stages' widths)
+        block = _convnext_block(width)
+        found.append(
+            Case(
+                ops.residual_mlp, "onednn_bf16",
+                lambda b=block, w=width: (
+                    lambda x: ((x, b.norm, b.fc1, "gelu", b.fc2), {"residual": cl(torch.randn(ROWS, w, SIZE, SIZE)).bfloat16(), "scale": b.gamma})
+                )(cl(torch.randn(ROWS, w, SIZE, SIZE)).bfloat16()),
+                id=f"backbone{width}-bf16", mode="autocast", relative_rms=0.01,
+            )
+        )
     found.append(Case(ops.embed, "fft_cpu", lambda: ((torch.randn(5, 80, SIZE, SIZE), decoder.conv1, SpectrumCache()), {}), tolerance=1e-4))
     return found
 
@@ -152,26 +183,33 @@ def test_every_op_has_a_case_for_each_of_its_cpu_kernels():
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_kernel_gives_the_reference_result(case):
     require_cpu_kernels()
+    if case.mode == "autocast" and not layout.onednn_bfloat16_native():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: oneDNN's bfloat16 is emulated here")
     torch.manual_seed(1)
     args, kwargs = case.make()
-    with torch.no_grad():
+    with torch.no_grad(), case.context():
         assert case.op.implementation(*args, **kwargs).name == case.kernel
         fast = _call(case, args, kwargs)
         with ops.references():
             assert case.op.implementation(*args, **kwargs).name == "reference"
             expected = _call(case, args, kwargs)
     for actual, wanted in zip(*(v if isinstance(v, tuple) else (v,) for v in (fast, expected))):
+        if case.mode != "float32":
+            error = (actual.float() - wanted.float()).pow(2).mean().sqrt() / wanted.float().pow(2).mean().sqrt()
+            assert actual.dtype == wanted.dtype and float(error) <= case.relative_rms, f"relative RMS error {float(error):.4f}"
+            continue
         scale = max(1.0, float(wanted.abs().max()))
         torch.testing.assert_close(actual, wanted, atol=case.tolerance * scale, rtol=case.tolerance)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_outside_float32_cpu_inference_the_reference_runs(case):
+def test_outside_its_inference_mode_the_reference_runs(case):
     args, kwargs = case.make()
-    with torch.enable_grad():  # training: autograd needs PyTorch's operators
+    with torch.enable_grad(), case.context():  # training: autograd needs PyTorch's operators
         assert case.op.implementation(*args, **kwargs).name == "reference"
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert case.op.implementation(*args, **kwargs).name == "reference"
+    if case.mode != "autocast":  # the float32 kernels take no autocast (a bfloat16 one may apply there)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert case.op.implementation(*args, **kwargs).name in ("reference", "onednn_bf16")
 
 
 def test_the_transposed_conv_falls_back_to_onednn_for_other_widths():

@@ -67,3 +67,26 @@ def test_bfloat16_on_a_cpu_runs_only_the_backbone_in_bfloat16(tiny_pooling1, ref
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not reach the decoder
         inside = model.predict_low_res([image], text, precision="bfloat16")[0]
     torch.testing.assert_close(inside.probs, expected, rtol=0, atol=1e-6)
+
+
+def test_auto_precision_is_bfloat16_only_where_native(monkeypatch):
+    from sed_model.cpu import layout
+
+    cpu = torch.device("cpu")
+    assert sed_model.inference_precision("float32", cpu) == ("float32", "as asked")
+    assert sed_model.inference_precision("bfloat16", cpu)[0] == "bfloat16"
+    monkeypatch.setattr(layout, "onednn_bfloat16_native", lambda: True)
+    assert sed_model.inference_precision("auto", cpu)[0] == "bfloat16"
+    monkeypatch.setattr(layout, "onednn_bfloat16_native", lambda: False)
+    precision, why = sed_model.inference_precision("auto", cpu)
+    assert precision == "float32" and "AVX512-BF16" in why
+    with pytest.raises(ValueError, match="precision"):
+        sed_model.inference_precision("float16", cpu)
+
+
+def test_auto_precision_follows_this_cpus_flags(tiny_pooling1):
+    from sed_model.cpu import layout
+
+    predictor = sed_model.SEDPredictor(tiny_pooling1, precision="auto")
+    native = bool({"avx512_bf16", "amx_bf16"} & layout.cpu_flags())
+    assert predictor.precision == ("bfloat16" if native else "float32")

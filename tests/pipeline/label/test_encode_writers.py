@@ -26,6 +26,7 @@ from pipeline.label.coco import coco_images_and_annotations
 from pipeline.label.writers import ShardWriter
 from pipeline.storage import StorageError
 from schemas import LABELS_SCHEMA, LABELS_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, JobSpec, read_labels_parquet, read_labels_table
+from schemas.labels import VERSION_4_COLUMNS
 
 CLASSES = ["sky", "tree", "road"]
 MARGIN_COLUMNS = ("mean_margin", "low_margin_share")
@@ -435,7 +436,7 @@ def test_labels_of_schema_version_1_read_as_the_current_version(tmp_path):
     old_labels = pa.ListArray.from_arrays(
         entries.offsets, pa.StructArray.from_arrays([flat.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
     )
-    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS, *VERSION_4_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
     version_1 = version_1.set_column(0, "schema_version", pa.array([1, 1], pa.int16()))
     version_1 = version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"})
 
@@ -459,7 +460,7 @@ def test_a_version_1_file_reads_any_columns_asked_for(tmp_path):
     old_labels = pa.ListArray.from_arrays(
         entries.offsets, pa.StructArray.from_arrays([values.field(f.name) for f in old_entry], fields=list(old_entry)), mask=entries.is_null()
     )
-    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
+    version_1 = current.drop_columns(["distractor_area", *MARGIN_COLUMNS, *VERSION_4_COLUMNS]).set_column(current.column_names.index("labels"), "labels", old_labels)
     sink = pa.BufferOutputStream()
     pq.write_table(version_1.replace_schema_metadata({b"sed_label.schema_version": b"1"}), sink)
     data = sink.getvalue().to_pybytes()
@@ -475,17 +476,39 @@ def test_labels_of_schema_version_2_read_with_unmeasured_margins():
     """Version 2 rows (before uncertainty scores) gain null mean_margin and low_margin_share."""
     batch, _ = model_output()
     current = encode_labels(batch, len(CLASSES), "tax", "ckpt").drop_columns(list(WORK_COLUMNS)).cast(LABELS_SCHEMA)
-    version_2 = current.drop_columns(list(MARGIN_COLUMNS)).set_column(0, "schema_version", pa.array([2, 2], pa.int16()))
+    version_2 = current.drop_columns([*MARGIN_COLUMNS, *VERSION_4_COLUMNS]).set_column(0, "schema_version", pa.array([2, 2], pa.int16()))
     version_2 = version_2.replace_schema_metadata({b"sed_label.schema_version": b"2"})
     upgraded = read_labels_table(version_2)
     assert upgraded.schema.equals(LABELS_SCHEMA, check_metadata=False)
     assert upgraded.column("mean_margin").null_count == 2 and upgraded.column("low_margin_share").null_count == 2
-    unchanged = [{**row, "schema_version": 2} for row in upgraded.drop_columns(list(MARGIN_COLUMNS)).to_pylist()]
+    unchanged = [{**row, "schema_version": 2} for row in upgraded.drop_columns([*MARGIN_COLUMNS, *VERSION_4_COLUMNS]).to_pylist()]
     assert unchanged == version_2.to_pylist()
     sink = pa.BufferOutputStream()
     pq.write_table(version_2, sink)
     subset = read_labels_parquet(sink.getvalue().to_pybytes(), columns=["image_index", "mean_margin"])
     assert subset.to_pylist() == [{"image_index": 7, "mean_margin": None}, {"image_index": 6, "mean_margin": None}]
+
+
+def test_labels_of_schema_version_3_read_with_nothing_hashed_reused_or_timed():
+    """Version 3 rows (before duplicates and tiling) gain null content_hash, phash, duplicate_of and
+    model_seconds, and tiled_windows 0 where labelled (nothing was tiled)."""
+    batch, _ = model_output()
+    current = encode_labels(batch, len(CLASSES), "tax", "ckpt").drop_columns(list(WORK_COLUMNS)).cast(LABELS_SCHEMA)
+    version_3 = current.drop_columns(list(VERSION_4_COLUMNS)).set_column(0, "schema_version", pa.array([3, 3], pa.int16()))
+    version_3 = version_3.replace_schema_metadata({b"sed_label.schema_version": b"3"})
+    upgraded = read_labels_table(version_3)
+    assert upgraded.schema.equals(LABELS_SCHEMA, check_metadata=False)
+    assert all(upgraded.column(name).null_count == 2 for name in VERSION_4_COLUMNS if name != "tiled_windows")
+    statuses = upgraded.column("status").to_pylist()
+    assert upgraded.column("tiled_windows").to_pylist() == [0 if status == "ok" else None for status in statuses] and "ok" in statuses
+    assert upgraded.column("schema_version").to_pylist() == [LABELS_SCHEMA_VERSION] * 2
+    sink = pa.BufferOutputStream()
+    pq.write_table(version_3, sink)
+    subset = read_labels_parquet(sink.getvalue().to_pybytes(), columns=["image_index", "duplicate_of", "unlabeled_area", "distractor_area"])
+    assert subset.to_pylist() == [
+        {"image_index": 7, "duplicate_of": None, "unlabeled_area": 1, "distractor_area": 2},
+        {"image_index": 6, "duplicate_of": None, "unlabeled_area": None, "distractor_area": None},
+    ]
 
 
 def test_urls_lose_their_credentials_and_signatures():
