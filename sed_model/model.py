@@ -20,9 +20,13 @@ from .backbone import CLIPBackbone
 from .config import SEDConfig, resolve_clip_config
 from .decoder import SEDDecoder, StageLogits
 from .ranking import RunningTop, margin
+from .resize import RowResize, resize_probabilities
 from .text import IMAGENET_TEMPLATES, TaxonomyError, encode_classes
 
 HEAD_NAMES = ("head", "head0", "head1", "head2")
+# The most memory `label_batch` gives a chunk of classes resized to an image's size: 16 classes of
+# a 6000 x 4000 image would take 1.5 GB, so such an image is labelled in bands of rows.
+RESIZED_BYTES = 256 * 2**20
 
 # Inference precisions. bfloat16 runs the backbone's and decoder's convolutions and matrix products
 # in bfloat16 (autocast), keeping class attention's sums over classes in float32; on a CPU with this
@@ -282,19 +286,18 @@ class SED(nn.Module):
 
         `class_groups` (one id per class) makes the runner-up the best class of another group: with
         classes that are prompts of one concept, the second is the best rival concept, not a
-        synonym. Classes are resized `class_chunk` at a time with a running maximum, so memory
-        stays O(class_chunk * H * W) whatever the taxonomy size. Ties go to the lower class index,
+        synonym. Classes are resized `class_chunk` at a time with a running maximum, and a large
+        image a band of rows at a time (`RESIZED_BYTES`), so memory stays bounded whatever the
+        taxonomy and image sizes. Ties go to the lower class index,
         as `argmax` does.
         """
         images = list(images)
         sizes = _output_sizes(images, output_sizes)
         results = []
         for low, size in zip(self.predict_low_res(images, text, top_k, precision), sizes):
-            top = RunningTop(runner_up, class_groups)
-            for start in range(0, low.kept.numel(), class_chunk):
-                top.add(resize_probabilities(low.probs[start : start + class_chunk], size), low.kept[start : start + class_chunk])
+            labels, confidence, second = _label_rows(low, size, class_chunk, runner_up, class_groups)
             margin = _margin(low, class_groups, size) if margins else None
-            results.append(Labeling(top.best[1], top.best[0], low.kept, low.kept_after, top.runner_up(), margin))
+            results.append(Labeling(labels, confidence, low.kept, low.kept_after, second, margin))
         return results
 
     @torch.no_grad()
@@ -313,6 +316,35 @@ class SED(nn.Module):
         return self.predict_batch([image], text, top_k, sizes, precision)[0].probs
 
 
+def _label_rows(
+    low: LowResolution, size: tuple[int, int], class_chunk: int, runner_up: bool, class_groups: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The labels, confidence and runner-up of `low` resized to `size`: `class_chunk` classes at a
+    time, in one step where a chunk at full size fits `RESIZED_BYTES` (the protocol's resize),
+    else a band of rows at a time (`RowResize`: the same within float32 rounding)."""
+    height, width = size
+    band = max(1, RESIZED_BYTES // (4 * min(class_chunk, low.kept.numel()) * width))
+    chunks = range(0, low.kept.numel(), class_chunk)
+    if band >= height:
+        top = RunningTop(runner_up, class_groups)
+        for start in chunks:
+            top.add(resize_probabilities(low.probs[start : start + class_chunk], size), low.kept[start : start + class_chunk])
+        return top.best[1], top.best[0], top.runner_up()
+    rows = RowResize(height, low.probs.shape[-2], low.probs.device)
+    labels = torch.empty(size, dtype=torch.long, device=low.probs.device)
+    confidence = torch.empty(size, device=low.probs.device)
+    second = torch.empty(size, dtype=torch.long, device=low.probs.device) if runner_up else None
+    for first_row in range(0, height, band):
+        out = slice(first_row, min(height, first_row + band))
+        top = RunningTop(runner_up, class_groups)
+        for start in chunks:
+            top.add(rows.rows(low.probs[start : start + class_chunk], out, width), low.kept[start : start + class_chunk])
+        labels[out], confidence[out] = top.best[1], top.best[0]
+        if runner_up:
+            second[out] = top.runner_up()
+    return labels, confidence, second
+
+
 def _margin(low: LowResolution, class_groups: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
     """Per pixel, the best kept class's probability minus the best of another group's (0 if none),
     at the model's output resolution, then resized to `size` as the probabilities are. (At full
@@ -327,11 +359,6 @@ def _output_sizes(images: Sequence[torch.Tensor], output_sizes: Sequence[tuple[i
     if len(output_sizes) != len(images):
         raise ValueError(f"got {len(output_sizes)} output sizes for {len(images)} images")
     return [tuple(size) for size in output_sizes]
-
-
-def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`(K, h, w)` -> `(K, H, W)`, bilinear with `align_corners=False`, in one step."""
-    return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def build_sed(config: SEDConfig | None = None) -> SED:

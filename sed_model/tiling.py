@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .model import SED, Labeling, LowResolution
 from .ranking import RunningTop, margin
+from .resize import RowResize
 from .transforms import resize_image
 
 STRIDE = 4  # the decoder's output is a quarter of its input's size
@@ -83,15 +84,6 @@ def tent(cells: int) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
-def _source_rows(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear resizing's (align_corners=False, as `F.interpolate`) rows: for each output row, the
-    two input rows it reads and the second's weight."""
-    source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    first = source.floor().long().clamp(max=in_size - 1)
-    second = (first + 1).clamp(max=in_size - 1)
-    return first, second, (source - first).float()
-
-
 class _Band:
     """The blended canvas rows `[base, base + rows)` of the classes seen so far: weighted sums per
     class slot and the weights' sum."""
@@ -117,10 +109,10 @@ class _Band:
         self.sums[slots, rows, columns] += low * weight
         self.weights[rows, columns] += weight
 
-    def probabilities(self, rows: torch.Tensor, slots: torch.Tensor | slice) -> torch.Tensor:
-        """The blended probabilities `(slots, len(rows), width)` of canvas rows `rows` (absolute)."""
-        local = rows - self.base
-        return self.sums[slots][:, local] / self.weights[local]
+    def probabilities(self, slots: torch.Tensor | slice, first: int, end: int) -> torch.Tensor:
+        """The blended probabilities `(slots, end - first, width)` of canvas rows `[first, end)`."""
+        rows = slice(first - self.base, end - self.base)
+        return self.sums[slots, rows] / self.weights[rows]
 
     def shift(self, base: int) -> None:
         """Drop the rows before canvas row `base`; the freed rows at the end start empty."""
@@ -157,7 +149,7 @@ def label_tiled(
     device = model.device
     weight = tent(cells).to(device)
     band = _Band(cells + 1, canvas_width, device)
-    first, second, fraction = (t.to(device) for t in _source_rows(height, canvas_height))
+    rows = RowResize(height, canvas_height, device)
     labels = torch.empty((height, width), dtype=torch.long, device=device)
     confidence = torch.empty((height, width), device=device)
     second_labels = torch.empty((height, width), dtype=torch.long, device=device) if runner_up else None
@@ -173,24 +165,26 @@ def label_tiled(
                 for name, classes in low.kept_after.items():
                     kept_after.setdefault(name, set()).update(classes.tolist())
         final = window_rows[index + 1] // STRIDE if index + 1 < len(window_rows) else canvas_height
-        done = emitted + int((second[emitted:] < final).sum()) if final < canvas_height else height
+        done = emitted + int((rows.second[emitted:] < final).sum()) if final < canvas_height else height
         # Output rows a block at a time: a chunk of classes at full width stays under BLOCK_BYTES.
         block = max(1, BLOCK_BYTES // (4 * class_chunk * width))
         for block_start in range(emitted, done, block):
             out = slice(block_start, min(done, block_start + block))
+            first, end = int(rows.first[out.start]), int(rows.second[out.stop - 1]) + 1  # the canvas rows they read
             top_of = RunningTop(runner_up, class_groups)
             by_class = band.classes.argsort()  # in class order, so that ties go to the lower class as argmax's do
             for start in range(0, by_class.numel(), class_chunk):
                 slots = by_class[start : start + class_chunk]
-                top_of.add(_upsample(band, first[out], second[out], fraction[out], slots, width), band.classes[slots])
+                top_of.add(rows.rows(band.probabilities(slots, first, end), out, width, offset=first), band.classes[slots])
             labels[out], confidence[out] = top_of.best[1], top_of.best[0]
             if runner_up:
                 second_labels[out] = top_of.runner_up()
-            if margins:
-                margin_map[out] = _margin_rows(band, first[out], second[out], fraction[out], class_groups, width)
+            if margins:  # at the canvas's resolution, then resized, as the untiled path does
+                at_canvas = margin(band.probabilities(slice(None), first, end), band.classes, class_groups)
+                margin_map[out] = rows.rows(at_canvas[None], out, width, offset=first)[0]
         emitted = done
         if emitted < height:
-            band.shift(int(first[emitted]))
+            band.shift(int(rows.first[emitted]))
     kept = band.classes.sort().values
     after = {name: torch.tensor(sorted(classes), dtype=torch.long, device=device) for name, classes in kept_after.items()}
     windows = len(window_rows) * len(window_columns)
@@ -203,25 +197,3 @@ def _at_cells(low: LowResolution, cells: int) -> torch.Tensor:
     if low.probs.shape[-1] == cells:
         return low.probs
     return F.interpolate(low.probs[None], size=(cells, cells), mode="bilinear", align_corners=False)[0]
-
-
-def _upsample(band: _Band, first: torch.Tensor, second: torch.Tensor, fraction: torch.Tensor, slots: torch.Tensor, width: int) -> torch.Tensor:
-    """The band's blended probabilities of `slots`, bilinearly resized to the output rows whose
-    source rows are `first`/`second` (weight `fraction` on the second) and to `width` columns:
-    rows by hand (the band holds only some rows), columns by `F.interpolate` (separable, so the
-    same as resizing the whole canvas at once)."""
-    upper, lower = band.probabilities(first, slots), band.probabilities(second, slots)
-    rows = torch.lerp(upper, lower, fraction[None, :, None])
-    return F.interpolate(rows[None], size=(rows.shape[1], width), mode="bilinear", align_corners=False)[0]
-
-
-def _margin_rows(band: _Band, first: torch.Tensor, second: torch.Tensor, fraction: torch.Tensor, class_groups: torch.Tensor | None, width: int) -> torch.Tensor:
-    """The margin (`ranking.margin`) at the canvas's resolution, resized like the probabilities
-    (as the untiled path computes it at the model's output resolution)."""
-    rows = torch.unique(torch.cat([first, second]))
-    at_rows = margin(band.probabilities(rows, slice(None)), band.classes, class_groups)
-    position = {int(r): i for i, r in enumerate(rows.tolist())}
-    upper = at_rows[[position[int(r)] for r in first.tolist()]]
-    lower = at_rows[[position[int(r)] for r in second.tolist()]]
-    resized = torch.lerp(upper, lower, fraction[:, None])
-    return F.interpolate(resized[None, None], size=(resized.shape[0], width), mode="bilinear", align_corners=False)[0, 0]

@@ -142,7 +142,8 @@ def encode_labels(
     decoded = batch["status"] == STATUS_OK
     ok = decoded & ~reuses  # rows whose labels the model made here
     now = dt.datetime.now(dt.timezone.utc)
-    hashes = {name: list(batch[name]) if name in batch else [None] * n for name in ("content_hash", "phash")}
+    # A batch whose images all failed to read carries no hash at all: Arrow then gives the column as NaNs.
+    hashes = {name: [h if isinstance(h, str) else None for h in batch[name]] if name in batch else [None] * n for name in ("content_hash", "phash")}
     model_seconds = batch["model_seconds"] if "model_seconds" in batch else np.zeros(n)
     tiled_windows = batch["tiled_windows"] if "tiled_windows" in batch else np.zeros(n, np.int32)
     duplicate_of = batch["duplicate_of"] if "duplicate_of" in batch else np.full(n, -1, np.int64)

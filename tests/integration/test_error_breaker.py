@@ -31,7 +31,7 @@ RAY_RUNTIME_ENV = {
 }
 IMAGES = 40
 SHARD_SIZE = 4
-VOLATILE_COLUMNS = ("labeled_at", "source")
+VOLATILE_COLUMNS = ("labeled_at", "source", "model_seconds")  # when, from where, how long: not the labels
 
 
 class FirstCommitStops(Exception):

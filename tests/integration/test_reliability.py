@@ -32,7 +32,7 @@ from .processes import local_raylet_pid, pids_titled, run_in_thread, wait_for
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
-VOLATILE_COLUMNS = ("labeled_at", "source")
+VOLATILE_COLUMNS = ("labeled_at", "source", "model_seconds")  # when, from where, how long: not the labels
 # The input sorted last, so the last read task's: its held read keeps the job from finishing early.
 HELD_IMAGE = b"l_nested.png"
 # A held read keeps its task's CPU; with 2 CPUs (one the model actor's) the first read task's rows

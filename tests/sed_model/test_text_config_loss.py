@@ -117,6 +117,22 @@ class TestPredictor:
             assert torch.equal(labeling.kept, prediction.kept)
 
     @pytest.mark.parametrize("top_k", [None, 2])
+    def test_large_images_are_labelled_in_bands_of_rows_with_the_same_labels(self, tiny_pooling1, reference, cer_cases, top_k, monkeypatch):
+        predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
+        predictor.set_taxonomy(cer_cases["classes"][:30], text_features=cer_cases["text_features"][:30])
+        image = reference["images"][0]
+        whole = predictor.label_batch([image], runner_up=True, margins=True)[0]
+        resized = []
+        original = sed_model.model.RowResize.rows
+        monkeypatch.setattr(sed_model.model.RowResize, "rows", lambda self, maps, out, width, offset=0: resized.append(out) or original(self, maps, out, width, offset))
+        monkeypatch.setattr(sed_model.model, "RESIZED_BYTES", 16 * 4 * image.shape[2] * 7)  # 7 rows of 16 classes
+        banded = predictor.label_batch([image], runner_up=True, margins=True)[0]
+        assert len({(out.start, out.stop) for out in resized}) == -(-image.shape[1] // 7)  # every band, once per chunk
+        assert (banded.labels == whole.labels).float().mean() > 0.9999 and (banded.runner_up == whole.runner_up).float().mean() > 0.999
+        torch.testing.assert_close(banded.confidence, whole.confidence, atol=1e-5, rtol=0)  # float32 rounding
+        assert torch.equal(banded.margin, whole.margin)  # one map: resized in one step either way
+
+    @pytest.mark.parametrize("top_k", [None, 2])
     @pytest.mark.parametrize("class_chunk", [16, 3, 1])
     def test_runner_up_is_the_second_of_the_probabilities_and_leaves_the_labels_alone(self, tiny_pooling1, reference, cer_cases, top_k, class_chunk):
         predictor = sed_model.SEDPredictor(tiny_pooling1, top_k=top_k)
