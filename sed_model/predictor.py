@@ -132,6 +132,8 @@ class SEDPredictor:
         """Label maps and confidences only (with `runner_up`, each pixel's second class; with
         `margins`, its margin over the second; of another group, with `class_groups`): memory
         bounded whatever the taxonomy size."""
+        if self.text_features is None:
+            raise RuntimeError("call set_taxonomy(...) before predict")
         images = list(images)
         tiled = [self.tiling is not None and self.tiling.applies(*image.shape[-2:]) for image in images]
         whole = [image for image, tile in zip(images, tiled) if not tile]
@@ -150,8 +152,6 @@ class SEDPredictor:
                     margins=margins,
                 )
             )
-        elif self.text_features is None:
-            raise RuntimeError("call set_taxonomy(...) before predict")
         return [
             label_tiled(
                 self.model,
