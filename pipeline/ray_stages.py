@@ -1,8 +1,9 @@
 """The Ray plumbing the three Ray jobs share (labelling, evaluation, training).
 
 - `connect_ray`: join a cluster or start an embedded Ray, its own logging kept off the console;
-- `encode_text_once`: the taxonomy's text embeddings, computed by one task and put in the object
-  store, so no actor or worker runs the text tower again;
+- `encode_text_in_tasks`, `encode_taxonomy_once`: the taxonomy's text embeddings, computed once per
+  job by tasks (its classes split over the cluster's CPUs, or one GPU task), so no actor or worker
+  runs the text tower again;
 - `read_stage`: plan rows -> decoded images (or error rows), read lazily by CPU tasks;
 - `model_stage`: SED on an actor pool (`infer.SEDInference`, one model per actor).
 
@@ -34,6 +35,11 @@ from .taxonomy import Taxonomy
 DECODE_BATCH_ROWS = 8  # images decoded per batch: what a read task holds in pixels at once
 READ_TASK_MAX_ROWS = 64  # plan rows per read task, at most: fewer tasks keep the driver's memory flat
 READ_TASK_MEMORY = 768 * 2**20  # Ray Data measured up to 730 MiB per read task
+# A text task loads the whole model: ConvNeXt-B's SED peaked at 1.6 GB loading and encoding (measured).
+TEXT_TASK_MEMORY = 2 * 2**30
+# Classes per text task, at least: on one thread of a 2-core AMD EPYC, ConvNeXt-B encodes a class's
+# 80 prompts in 1.4 s (T=847: about 20 minutes in one task) and builds in 4 s.
+TEXT_CLASSES_PER_TASK = 16
 Claim = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -58,16 +64,25 @@ def connect_ray(spec: RaySpec) -> bool:
     return True
 
 
-def encode_text_once(encode: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
-    """Run `encode(*args)` (the text tower: a whole model load) in one task (one CPU, and
-    `num_gpus`) and return its result.
+def encode_text_in_tasks(encode: Callable[..., Any], calls: list[tuple[Any, ...]], num_gpus: float = 0) -> list[Any]:
+    """Run `encode(*args)` (the text tower: a whole model load each) for each `args` of `calls`,
+    one task each (one CPU, and `num_gpus`), all at once; return their results in order.
 
     A checkpoint that cannot be read is a `PreflightError` naming `model.weights`.
     """
+    remote = ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus, memory=TEXT_TASK_MEMORY)
     try:
-        return ray.get(ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus).remote(*args))
+        return ray.get([remote.remote(*args) for args in calls])
     except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
         raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
+
+
+def text_task_slices(classes: int, cpus: int) -> list[tuple[int, int]]:
+    """`(first, end)` class ranges for the text tasks: up to one per CPU, each of at least
+    `TEXT_CLASSES_PER_TASK` classes (a task loads the whole model before it encodes anything)."""
+    tasks = max(1, min(cpus, classes // TEXT_CLASSES_PER_TASK))
+    bounds = [round(i * classes / tasks) for i in range(tasks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def rows_per_read_task(rows: int, cpus: int) -> int:
@@ -180,11 +195,19 @@ def _actor_pool(spec: RaySpec) -> ray.data.ActorPoolStrategy:
 
 def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy, ray_spec: RaySpec | None = None) -> tuple[np.ndarray, str]:
     """The text embeddings `(T, P, D)` of the taxonomy's prompts and the checkpoint hash, computed
-    once (`encode_text_once`): on a GPU where the job's actors have GPUs (T x 80 prompts through
-    ConvNeXt-B's text tower take minutes on one CPU thread, seconds on a GPU)."""
+    once per job: on one GPU where the job's actors have GPUs (seconds), else by tasks that split
+    the classes over the cluster's CPUs (`text_task_slices`; T x 80 prompts through ConvNeXt-B's
+    text tower take minutes on one CPU thread). Each class is encoded on its own
+    (`sed_model.encode_classes`), so the split changes no embedding."""
     num_gpus = min(1.0, ray_spec.gpus_per_actor) if ray_spec is not None else 0
-    device = "cuda" if num_gpus > 0 else "cpu"
-    text_features, checkpoint_hash = encode_text_once(
-        encode_taxonomy, model, list(taxonomy.prompts), list(taxonomy.templates), device, num_gpus=num_gpus
-    )
-    return text_features.numpy(), checkpoint_hash
+    prompts, templates = list(taxonomy.prompts), list(taxonomy.templates)
+    if num_gpus > 0:
+        calls = [(model, prompts, templates, "cuda")]
+    else:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        calls = [(model, prompts[first:end], templates, "cpu") for first, end in text_task_slices(len(prompts), cpus)]
+    parts = encode_text_in_tasks(encode_taxonomy, calls, num_gpus=num_gpus)
+    hashes = {checkpoint_hash for _, checkpoint_hash in parts}
+    if len(hashes) > 1:
+        raise PreflightError(f"model.weights: {model.weights} changed while the taxonomy was encoded (checkpoint hashes {sorted(hashes)})")
+    return np.concatenate([text.numpy() for text, _ in parts]), hashes.pop()

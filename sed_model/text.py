@@ -57,36 +57,20 @@ def taxonomy_hash(classes: Sequence[str], templates: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def encode_classes(
-    backbone: CLIPBackbone,
-    classes: Sequence[str],
-    templates: Sequence[str] = IMAGENET_TEMPLATES,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Encode a taxonomy: `(T, P, D)` float32, L2-normalised along D, on the backbone's device."""
+def encode_classes(backbone: CLIPBackbone, classes: Sequence[str], templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
+    """Encode a taxonomy: `(T, P, D)` float32, L2-normalised along D, on the backbone's device.
+
+    Each class's prompts (every synonym in every template) are one batch of their own, so a class's
+    embedding depends on nothing else in the list: a taxonomy encoded in slices, by several
+    processes, gives the same embeddings bit for bit as encoded whole.
+    """
     validate_taxonomy(classes, templates)
     device = next(backbone.parameters()).device
-    # Every (class, synonym, template) prompt, flattened so the text tower sees full batches.
-    prompts: list[str] = []
-    synonym_counts: list[int] = []
+    per_class = []
     for name in classes:
         synonyms = split_synonyms(name)
-        synonym_counts.append(len(synonyms))
-        for synonym in synonyms:
-            prompts.extend(template.replace("{}", synonym) for template in templates)
-    embeddings = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = open_clip.tokenize(prompts[start : start + batch_size], context_length=backbone.context_length)
-        embeddings.append(backbone.encode_text(tokens.to(device)).float())
-    flat = torch.cat(embeddings)
-    per_class = []
-    offset = 0
-    num_templates = len(templates)
-    for count in synonym_counts:
-        block = flat[offset : offset + count * num_templates].view(count, num_templates, -1)
-        offset += count * num_templates
-        if count == 1:
-            per_class.append(block[0])
-        else:
-            per_class.append(torch.nn.functional.normalize(block.mean(dim=0), dim=-1))
+        prompts = [template.replace("{}", synonym) for synonym in synonyms for template in templates]
+        tokens = open_clip.tokenize(prompts, context_length=backbone.context_length)
+        block = backbone.encode_text(tokens.to(device)).float().view(len(synonyms), len(templates), -1)
+        per_class.append(block[0] if len(synonyms) == 1 else torch.nn.functional.normalize(block.mean(dim=0), dim=-1))
     return torch.stack(per_class)

@@ -44,7 +44,7 @@ from ..model_loading import encode_taxonomy, load_model, model_config
 from ..preflight import preflight_training
 from ..process import prepare_process
 from ..progress import LogProgress, Progress
-from ..ray_stages import connect_ray, encode_text_once
+from ..ray_stages import connect_ray, encode_text_in_tasks
 from ..storage import OutputStore, filesystem, to_url
 from ..taxonomy import Taxonomy
 from .data import LabelledData, TrainDataError, TrainingInputs, load_batch, training_inputs
@@ -265,7 +265,7 @@ def _fit(spec: TrainSpec, inputs: TrainingInputs, start: int, progress: Progress
     prompts, templates = list(inputs.taxonomy.prompts), list(inputs.taxonomy.templates)
     owns_ray = connect_ray(spec.ray)
     try:
-        text = encode_text_once(encode_classes_to_train, spec, prompts, templates)
+        text = encode_text_in_tasks(encode_classes_to_train, [(spec, prompts, templates)])[0]
         counter = IterationCounter.remote(start)
         config = {
             "spec": spec.model_dump(mode="json"),

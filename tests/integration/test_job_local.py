@@ -233,3 +233,20 @@ def test_large_images_are_tiled_at_their_own_size(tmp_path, reference):
         actual = label_map_of(row)
         assert actual.shape == expected.shape == (row["height"], row["width"])
         assert row["kept_classes"] == kept and (actual == expected).mean() > 0.999, name
+
+
+def test_a_large_taxonomy_is_encoded_by_tasks_over_the_cpus(reference, tmp_path):
+    """40 classes on 2 CPUs: two text tasks (20 classes each), whose embeddings are the ones one
+    process computes for the whole taxonomy."""
+    from pipeline.model_loading import encode_taxonomy
+    from pipeline.ray_stages import encode_taxonomy_once, text_task_slices
+    from pipeline.taxonomy import load_taxonomy
+
+    classes = [f"thing {i}" for i in range(40)]
+    spec = tiny_job(reference, str(tmp_path), str(tmp_path / "out"), taxonomy={"classes": classes})
+    assert text_task_slices(len(classes), 2) == [(0, 20), (20, 40)]
+    text, checkpoint_hash = encode_taxonomy_once(spec.model, load_taxonomy(spec.taxonomy), spec.ray)
+    whole, whole_hash = encode_taxonomy(spec.model, classes, list(sed_model.IMAGENET_TEMPLATES))
+    assert checkpoint_hash == whole_hash
+    # One thread in each task, the test process's own threads here: equal to float rounding.
+    np.testing.assert_allclose(text, whole.numpy(), rtol=0, atol=1e-6)

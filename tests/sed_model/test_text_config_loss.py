@@ -37,6 +37,15 @@ class TestText:
         with pytest.raises(sed_model.TaxonomyError, match=message):
             tiny_pooling1.encode_classes(classes, templates)
 
+    def test_a_class_embeds_the_same_whatever_else_is_encoded_with_it(self, tiny_pooling1):
+        """Each class is its own batch, so slices of a taxonomy encoded apart (the job's text tasks)
+        give the whole taxonomy's embeddings bit for bit (a long and a short prompt set the length
+        a shared batch would be cut to)."""
+        classes = ["sky", "a very long name of a rather unusual class of things", "person, human", "road"]
+        whole = tiny_pooling1.encode_classes(classes)
+        apart = torch.cat([tiny_pooling1.encode_classes(classes[:1]), tiny_pooling1.encode_classes(classes[1:3]), tiny_pooling1.encode_classes(classes[3:])])
+        assert torch.equal(whole, apart)
+
     def test_taxonomy_hash(self):
         base = sed_model.taxonomy_hash(["sky", "road"], sed_model.IMAGENET_TEMPLATES)
         assert base == sed_model.taxonomy_hash(("sky", "road"), list(sed_model.IMAGENET_TEMPLATES))
