@@ -28,6 +28,7 @@ from .infer import SEDInference
 from .model_loading import encode_taxonomy
 from .preflight import PreflightError
 from .process import prepare_process
+from .progress import Progress
 from .read import read_and_decode
 from .sources import inline_process_local_bytes
 from .taxonomy import Taxonomy
@@ -193,12 +194,14 @@ def _actor_pool(spec: RaySpec) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=spec.num_actors.min, max_size=spec.num_actors.max)
 
 
-def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy, ray_spec: RaySpec | None = None) -> tuple[np.ndarray, str]:
+def encode_taxonomy_once(
+    model: ModelSpec, taxonomy: Taxonomy, ray_spec: RaySpec | None = None, progress: Progress | None = None
+) -> tuple[np.ndarray, str]:
     """The text embeddings `(T, P, D)` of the taxonomy's prompts and the checkpoint hash, computed
     once per job: on one GPU where the job's actors have GPUs (seconds), else by tasks that split
     the classes over the cluster's CPUs (`text_task_slices`; T x 80 prompts through ConvNeXt-B's
     text tower take minutes on one CPU thread). Each class is encoded on its own
-    (`sed_model.encode_classes`), so the split changes no embedding."""
+    (`sed_model.encode_classes`), so the split changes no embedding. `progress` is told where it runs."""
     num_gpus = min(1.0, ray_spec.gpus_per_actor) if ray_spec is not None else 0
     prompts, templates = list(taxonomy.prompts), list(taxonomy.templates)
     if num_gpus > 0:
@@ -206,6 +209,9 @@ def encode_taxonomy_once(model: ModelSpec, taxonomy: Taxonomy, ray_spec: RaySpec
     else:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         calls = [(model, prompts[first:end], templates, "cpu") for first, end in text_task_slices(len(prompts), cpus)]
+    if progress is not None:
+        where = "a GPU" if num_gpus > 0 else f"{len(calls)} CPU task{'s' if len(calls) > 1 else ''}"
+        progress.note(f"text embeddings of {len(prompts)} prompts x {len(templates)} templates, on {where}")
     parts = encode_text_in_tasks(encode_taxonomy, calls, num_gpus=num_gpus)
     hashes = {checkpoint_hash for _, checkpoint_hash in parts}
     if len(hashes) > 1:

@@ -122,7 +122,7 @@ def _evaluate(
 ) -> tuple[SemSegEvaluator, list[dict[str, str]], str]:
     spec = dataset.spec
     taxonomy = spec.taxonomy()
-    text_features, checkpoint_hash = encode_taxonomy_once(settings.model, taxonomy, settings.ray)
+    text_features, checkpoint_hash = encode_taxonomy_once(settings.model, taxonomy, settings.ray, progress)
     classes = list(taxonomy.classes)
     source = InputSpec(url=settings.root, storage_options=settings.storage_options)
     plan = plan_shards([ImageRef(item.image_id, KIND_FILE, item.image_url) for item in items], shard_size=len(items))

@@ -35,7 +35,7 @@ COPIED_COLUMNS = (
     "status", "error", "labels", "unlabeled_area", "distractor_area", "mean_margin", "low_margin_share", "kept_classes", "model_seconds",
     "tiled_windows",
 )
-SOURCE_COLUMNS = ["image_index", *COPIED_COLUMNS]
+SOURCE_COLUMNS = ["image_index", "duplicate_of", *COPIED_COLUMNS]
 
 
 def copy_labels(copies: pa.Table, sources: pa.Table, num_classes: int) -> pa.Table:
@@ -46,6 +46,8 @@ def copy_labels(copies: pa.Table, sources: pa.Table, num_classes: int) -> pa.Tab
     for row in rows:
         source = by_index[row["label_source"]]
         row.update({name: source[name] for name in COPIED_COLUMNS})
+        if row["duplicate_of"] is not None and source["duplicate_of"] is not None:
+            row["duplicate_of"] = source["duplicate_of"]  # a copy of a copy names the original (see `DuplicateResolver`)
         if source["status"] != STATUS_OK:
             row["error"] = f"{source['error']} (the labelling of image {source['image_index']}, with the same pixels)"
             row["width"] = row["height"] = None  # as on every error row
@@ -88,19 +90,30 @@ class DuplicateResolver:
         return sum(table.num_rows for tables in self.waiting.values() for table in tables)
 
     def resolve(self, batch: pa.Table) -> pa.Table:
-        """The batch's rows that are ready for their shards, with any parked copies whose originals
-        came in this batch; the batch's copies whose originals have not come yet are parked."""
+        """The batch's rows that are ready for their shards, with any parked copies whose sources
+        came in this batch; the batch's copies whose sources have not come yet are parked.
+
+        A source may be a copy itself: a registry actor that was lost restarts empty, and an
+        original whose read is retried then may claim its hash as a copy of a third image. Copies
+        parked on it take its labels once it has them, and name the third image as their original.
+        """
         awaiting = batch.column("awaiting_labels")
         if not self.waiting and not pc.any(awaiting).as_py():
             return batch
         ready = batch.filter(pc.invert(awaiting))
         copies = batch.filter(awaiting)
-        arrived = ready.filter(pc.is_in(ready.column("image_index"), pa.array(list(self.waiting), pa.int64())))
-        released = [table for index in arrived.column("image_index").to_pylist() for table in self.waiting.pop(index)]
-        resolved = [copy_labels(table, arrived, self.num_classes) for table in released]
+        out = [ready]
         if copies.num_rows:
-            resolved.append(self._resolve_now_or_park(copies, ready))
-        return pa.concat_tables([ready, *(table for table in resolved if table.num_rows)])
+            out.append(self._resolve_now_or_park(copies, ready))
+        arrivals = out
+        while self.waiting and arrivals:
+            released = []
+            for table in arrivals:
+                came = table.filter(pc.is_in(table.column("image_index"), pa.array(list(self.waiting), pa.int64())))
+                released += [copy_labels(parked, came, self.num_classes) for index in came.column("image_index").to_pylist() for parked in self.waiting.pop(index)]
+            arrivals = released
+            out += released
+        return pa.concat_tables([ready, *(table for table in out[1:] if table.num_rows)])
 
     def _resolve_now_or_park(self, copies: pa.Table, batch: pa.Table) -> pa.Table:
         found, from_storage = [batch], []

@@ -15,7 +15,8 @@ committed, so each answer says whether the labels to reuse can already be read f
 Memory: about 130 bytes per distinct image over the actors (measured: a 16-byte key, an index and
 the dict's slot; 25 million images: 3.3 GB in all). A registry actor that is lost restarts empty:
 copies of the images it knew are then labelled by the model again (correct labels, model time spent
-twice), never lost.
+twice), never lost; an original whose read is retried after the restart may learn it is a copy of an
+image claimed since, and copies already waiting on it follow it there (`DuplicateResolver`).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, progress: Progress | None = 
     taxonomy = load_taxonomy(spec.taxonomy)
     owns_ray = connect_ray(spec.ray)
     try:
-        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, taxonomy, spec.ray)
+        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, taxonomy, spec.ray, progress)
         store, plan, fingerprint = prepare_output(spec, taxonomy, checkpoint_hash, overwrite, progress)
         counts = pc.value_counts(plan.column("shard_id"))
         shard_sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))

@@ -146,7 +146,7 @@ def run_preview(spec: JobSpec, output_url: str, settings: PreviewSettings = Prev
     taxonomy = load_taxonomy(spec.taxonomy)
     owns_ray = connect_ray(spec.ray)
     try:
-        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, taxonomy, spec.ray)
+        text_features, checkpoint_hash = encode_taxonomy_once(spec.model, taxonomy, spec.ray, progress)
         refs = list_images(spec.input)
         chosen = [refs[i] for i in sample_indices(len(refs), settings.sample)]
         plan = plan_shards(chosen, shard_size=len(chosen))

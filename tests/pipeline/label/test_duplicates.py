@@ -141,3 +141,22 @@ def test_the_driver_finds_an_original_in_a_live_shard_or_in_a_shard_committed_me
     del live["000000"]
     ready = resolver.resolve(encoded([10], [STATUS_OK], [2]))  # committed between its claim and now
     assert ready.column("labels").to_pylist()[0][0]["class_id"] == 2 and resolver.parked == 0
+
+
+def test_a_parked_copy_follows_its_source_when_that_turns_out_a_copy_too(tmp_path):
+    """A registry actor lost mid-job restarts empty: an original whose read is retried may then
+    claim its hash as a copy of a third image. A copy parked on it gets the third image's labels
+    when they come, and names it as its original (the one with a PNG)."""
+    registry = ContentRegistry(SHARD_SIZE)
+    assert registry.claim([H1, H1], [2, 9]) == [(NOT_A_COPY, NOT_A_COPY, False), (2, 2, False)]
+    restarted = ContentRegistry(SHARD_SIZE)  # image 5 claims first after the restart, then 2 again
+    assert restarted.claim([H1, H1], [5, 2]) == [(NOT_A_COPY, NOT_A_COPY, False), (5, 5, False)]
+    resolver = DuplicateResolver(JobOutput(str(tmp_path)), SHARD_SIZE, len(CLASSES), {}, set())
+    assert resolver.resolve(encoded([9], [STATUS_OK], [2])).num_rows == 0
+    assert resolver.resolve(encoded([2], [STATUS_OK], [5])).num_rows == 0 and resolver.parked == 2
+    ready = resolver.resolve(encoded([5], [STATUS_OK], [-1]))
+    assert resolver.parked == 0
+    rows = {row["image_index"]: row for row in ready.to_pylist()}
+    assert sorted(rows) == [2, 5, 9]
+    assert [l["class_id"] for l in rows[9]["labels"]] == [l["class_id"] for l in rows[5]["labels"]] == [5 % 3]
+    assert (rows[2]["duplicate_of"], rows[9]["duplicate_of"], rows[5]["duplicate_of"]) == (5, 5, None)
