@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -22,11 +24,13 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.label import JobOutput, run_job
 from pipeline.label.commit import COMMITTED_DIR
+from pipeline.label.registry import start_registry
 from tests.helpers import REPO
 
 from .helpers import image_bytes, read_rows, tiny_job
 from .inference_faults import POISONED_WIDTH
 from .model_calls import MODEL_CALLS_ENV
+from .processes import local_raylet_pid, pids_titled
 
 MODEL_CALLS = Path(tempfile.gettempdir()) / f"sed-label-test-model-calls-{os.getpid()}.txt"
 RAY_CPUS = 4  # two model actors, reads and encoding beside them
@@ -190,3 +194,26 @@ def test_copies_of_an_image_the_model_fails_on_get_its_error_row(tmp_path, refer
     copy = rows["c.png"]
     assert copy["status"] == "error" and copy["duplicate_of"] == rows["a.png"]["image_index"]
     assert copy["error"].startswith(rows["a.png"]["error"]) and "(the labelling of image 0, with the same pixels)" in copy["error"]
+
+
+def test_a_lost_registry_actor_restarts_empty_and_the_claim_in_its_way_is_answered(tmp_path):
+    """A registry actor's process killed: Ray restarts it and retries the claim it was sent, and the
+    restarted actor knows no hash, so a later copy is its own owner: model time spent again, no row
+    lost (a copy already waiting on an owner that then turns out a copy follows it:
+    tests/pipeline/label/test_duplicates.py)."""
+    client = start_registry(1, 3, JobOutput(str(tmp_path)), [])
+    hash_ = "ab" * 16
+
+    def claim(*indices: int) -> list[int]:
+        batch = {"image_index": np.array(indices), "content_hash": np.array([hash_] * len(indices), dtype=object)}
+        batch["image"] = np.array([b"pixels"] * len(indices), dtype=object)
+        return client.claim(batch)["duplicate_of"].tolist()
+
+    try:
+        assert claim(0, 5) == [-1, 0]
+        (pid,) = pids_titled(b"ray::ContentRegistry", raylets={local_raylet_pid()})
+        os.kill(pid, signal.SIGKILL)
+        assert claim(9) == [-1]  # answered by the restarted actor, which knows no hash
+        assert claim(10) == [9]
+    finally:
+        client.close()
