@@ -41,7 +41,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             raise DecodeError(f"unreadable header: {exc}") from None
         width, height = image.size
         if width * height > max_pixels:
-            raise DecodeError(f"too many pixels: {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            raise DecodeError(f"too many pixels: {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (input.max_pixels)")
         if width == 0 or height == 0:
             raise DecodeError(f"no pixels: the image is {width}x{height}")
         try:

@@ -71,7 +71,9 @@ def encode_text_in_tasks(encode: Callable[..., Any], calls: list[tuple[Any, ...]
 
     A checkpoint that cannot be read is a `PreflightError` naming `model.weights`.
     """
-    remote = ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus, memory=TEXT_TASK_MEMORY)
+    # Never more memory than the largest node offers: a request no node can meet would wait forever.
+    largest_node = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    remote = ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus, memory=min(TEXT_TASK_MEMORY, int(largest_node)))
     try:
         return ray.get([remote.remote(*args) for args in calls])
     except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
