@@ -342,7 +342,7 @@ def review_export(
 
 @review_app.command("import")
 def review_import(
-    export: str = typer.Argument(..., help="the tool's export: Label Studio's JSON export, or CVAT's Segmentation mask 1.1 zip or folder"),
+    export: str = typer.Argument(..., help="the tool's export (any fsspec URL): Label Studio's JSON export, or CVAT's Segmentation mask 1.1 zip or folder"),
     from_: str = typer.Option(..., "--from", help="label-studio or cvat"),
     job: str = typer.Option(..., help="the job's output folder the review was exported from"),
     output: str = typer.Option(..., help="folder (any fsspec URL) for the ground truth: labels/, images/, train.yaml, review.json"),
@@ -351,6 +351,7 @@ def review_import(
     storage_options: str = typer.Option(None, help="fsspec options for the job's output, as JSON"),
     input_storage_options: str = typer.Option(None, help="fsspec options for reading the source images, as JSON"),
     output_storage_options: str = typer.Option(None, help="fsspec options for --output, as JSON"),
+    export_storage_options: str = typer.Option(None, help="fsspec options for reading EXPORT, as JSON"),
     debug: Debug = False,
 ) -> None:
     """Corrections from Label Studio or CVAT -> ground-truth label maps, images and a fine-tuning spec."""
@@ -359,6 +360,7 @@ def review_import(
             settings = ImportSettings(
                 from_, job, output, _options(storage_options, "--storage-options"), _options(output_storage_options, "--output-storage-options"),
                 _options(input_storage_options, "--input-storage-options"), unpainted, reviewer,
+                _options(export_storage_options, "--export-storage-options"),
             )
             if _overlaps(output, job, settings.job_storage_options):
                 raise ReviewError(f"--output {output} is inside the job's output {job}: give a folder of its own")

@@ -23,6 +23,8 @@ from xml.etree import ElementTree
 import numpy as np
 from PIL import Image
 
+from ..label.commit import redact_url
+from ..storage import StorageError, filesystem
 from .ground_truth import Correction
 from .rows import ReviewError
 
@@ -73,23 +75,24 @@ def annotations_xml(images: list[dict[str, Any]], classes: list[str], colours: l
 
 
 class SegmentationExport:
-    """A "Segmentation mask 1.1" export, from its zip or its unpacked folder (local paths)."""
+    """A "Segmentation mask 1.1" export, from its zip or its unpacked folder, at any fsspec URL."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                self.files = {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
-        else:
-            import pathlib
-
-            root = pathlib.Path(path)
-            if not root.is_dir():
-                raise ReviewError(f"{path}: neither a zip nor a folder of a CVAT \"Segmentation mask 1.1\" export")
-            self.files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.path = redact_url(path)
+        try:
+            fs, root = filesystem(path, storage_options)
+            if fs.isdir(root):
+                root = root.rstrip("/")
+                contents = fs.cat([name for name in fs.find(root) if not name.endswith("/")])
+                self.files = {name[len(root) + 1 :]: data for name, data in contents.items()}
+            else:
+                with zipfile.ZipFile(io.BytesIO(fs.cat_file(root))) as archive:
+                    self.files = {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
+        except (OSError, StorageError, zipfile.BadZipFile) as exc:
+            raise ReviewError(f"{self.path}: neither a zip nor a folder of a CVAT \"Segmentation mask 1.1\" export ({type(exc).__name__}: {exc})") from exc
         if LABELMAP not in self.files:
-            raise ReviewError(f"{path}: no {LABELMAP}: not a CVAT \"Segmentation mask 1.1\" export")
-        self.labels = _labelmap(self.files[LABELMAP].decode("utf-8"), path)
+            raise ReviewError(f"{self.path}: no {LABELMAP}: not a CVAT \"Segmentation mask 1.1\" export")
+        self.labels = _labelmap(self.files[LABELMAP].decode("utf-8"), self.path)
 
     def masks(self) -> dict[str, bytes]:
         """Each image's class PNG, by image name without extension (as CVAT names them)."""

@@ -194,6 +194,7 @@ class ImportSettings:
     input_storage_options: dict[str, Any] = field(default_factory=dict)
     unpainted: str = "ignore"  # or a class name
     reviewer: str | None = None  # CVAT exports do not say who painted
+    export_storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def import_review(export: str, settings: ImportSettings) -> dict[str, Any]:
@@ -211,20 +212,20 @@ def import_review(export: str, settings: ImportSettings) -> dict[str, Any]:
     scores = job.scores()
     provenance: dict[str, Any] = {"tool": settings.tool, "export": redact_url(export), "unpainted": settings.unpainted}
     if settings.tool == "label-studio":
-        tasks = _read_json_export(export)
+        tasks = _read_json_export(export, settings.export_storage_options)
         indices = {int(t["data"]["sed_image_index"]) for t in tasks if isinstance(t.get("data"), dict) and "sed_image_index" in t["data"]}
         rows = _labelled_rows(job, scores, indices)
         found, untouched = label_studio.corrections(tasks, job.classes, _sizes(rows), unlabeled, unpainted)
         provenance.update(overlaps="the region drawn last wins", tasks_not_annotated=untouched)
     else:
-        found, rows = _cvat_corrections(job, scores, export, unlabeled, unpainted, settings.reviewer)
+        found, rows = _cvat_corrections(job, scores, cvat.SegmentationExport(export, settings.export_storage_options), unlabeled, unpainted, settings.reviewer)
         provenance.update(overlaps="none: CVAT merges regions by z-order before it exports")
     return write_ground_truth(job, found, rows, settings.output, settings.output_storage_options, settings.input_storage_options, provenance)
 
 
-def _read_json_export(export: str) -> list[dict[str, Any]]:
+def _read_json_export(export: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     try:
-        fs, path = filesystem(export)
+        fs, path = filesystem(export, storage_options)
         tasks = json.loads(fs.cat_file(path))
     except (OSError, StorageError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReviewError(f"{redact_url(export)}: not a readable Label Studio JSON export: {type(exc).__name__}: {exc}") from exc
@@ -246,13 +247,12 @@ def _sizes(rows: dict[int, dict[str, Any]]) -> dict[int, tuple[int, int]]:
 
 
 def _cvat_corrections(
-    job: ReviewedJob, scores: pa.Table, export: str, unlabeled: int, unpainted: int | None, reviewer: str | None
+    job: ReviewedJob, scores: pa.Table, export_reader: cvat.SegmentationExport, unlabeled: int, unpainted: int | None, reviewer: str | None
 ) -> tuple[list[Correction], dict[int, dict[str, Any]]]:
     """The export's corrections, and the job's rows they correct (by image index)."""
-    export_reader = cvat.SegmentationExport(export)
     masks = export_reader.masks()
     if not masks:
-        raise ReviewError(f"{export}: no {cvat.CLASS_FOLDER}/*.png: the export holds no annotated image")
+        raise ReviewError(f"{export_reader.path}: no {cvat.CLASS_FOLDER}/*.png: the export holds no annotated image")
     # CVAT names a mask after its image without the extension: the image id's stem, or the whole id
     # where the export added an extension to it (`--copy-images` of an id without one).
     by_name: dict[str, int | None] = {}
@@ -262,10 +262,10 @@ def _cvat_corrections(
                 by_name[name] = index if by_name.get(name, index) == index else None
     unknown = [name for name in masks if name not in by_name]
     if unknown:
-        raise ReviewError(f"{export}: {len(unknown)} images are not among the job's labelled images: {', '.join(sorted(unknown)[:5])}")
+        raise ReviewError(f"{export_reader.path}: {len(unknown)} images are not among the job's labelled images: {', '.join(sorted(unknown)[:5])}")
     ambiguous = [name for name in masks if by_name[name] is None]
     if ambiguous:
-        raise ReviewError(f"{export}: {', '.join(sorted(ambiguous)[:5])}: several of the job's images have this name without extension")
+        raise ReviewError(f"{export_reader.path}: {', '.join(sorted(ambiguous)[:5])}: several of the job's images have this name without extension")
     by_stem = {name: by_name[name] for name in masks}
     rows = _labelled_rows(job, scores, set(by_stem.values()))
     sizes = _sizes(rows)

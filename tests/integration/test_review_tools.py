@@ -240,7 +240,7 @@ def datumaro(script: str, *arguments: str) -> str:
     return done.stdout
 
 
-def test_cvat_pre_annotations_read_by_datumaro_and_segmentation_masks_back(job):
+def test_cvat_pre_annotations_read_by_datumaro_and_segmentation_masks_back(job, s3_server):
     root, rows = job
     classes = json.loads((root / "job" / "job.json").read_text())["classes"]
     export = root / "cvat-export"
@@ -280,3 +280,19 @@ def test_cvat_pre_annotations_read_by_datumaro_and_segmentation_masks_back(job):
         written = np.asarray(Image.open(truth / "labels" / label_name(rows[index]["image_id"])))
         np.testing.assert_array_equal(written, expected[index])
     assert {image["reviewed_by"] for image in json.loads((truth / "review.json").read_text())["images"]} == {"ann"}
+
+    # The same export uploaded to object storage (a real S3 server on loopback) imports the same.
+    import s3fs
+
+    bucket = s3fs.S3FileSystem(**s3_server)
+    bucket.mkdir("reviews")
+    bucket.put(str(root / "cvat-masks") + "/", "reviews/cvat-masks/", recursive=True)
+    stored = root / "reviewed-cvat-s3"
+    output = cli(
+        "review", "import", "s3://reviews/cvat-masks", "--from", "cvat", "--job", str(root / "job"), "--output", str(stored),
+        "--export-storage-options", json.dumps(s3_server),
+    )
+    assert "3 reviewed images imported from cvat" in output
+    for index in chosen:
+        name = label_name(rows[index]["image_id"])
+        assert (stored / "labels" / name).read_bytes() == (truth / "labels" / name).read_bytes()

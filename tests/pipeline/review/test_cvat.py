@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -235,12 +236,28 @@ def write_zip(path: Path, files: dict[str, bytes]) -> str:
     return str(path)
 
 
-@pytest.fixture(params=["folder", "zip"])
+def write_to_object_storage(url: str, files: dict[str, bytes], as_zip: bool) -> str:
+    """The export in fsspec's in-memory object store (as it would lie in a bucket)."""
+    fs = fsspec.filesystem("memory")
+    if as_zip:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        fs.pipe(f"{url}.zip", buffer.getvalue())
+        return f"{url}.zip"
+    fs.pipe({f"{url}/{name}": data for name, data in files.items()})
+    return url
+
+
+@pytest.fixture(params=["folder", "zip", "stored folder", "stored zip"])
 def export(request, tmp_path) -> SegmentationExport:
     files = export_files()
     if request.param == "folder":
         return SegmentationExport(write_folder(tmp_path / "export", files))
-    return SegmentationExport(write_zip(tmp_path / "export.zip", files))
+    if request.param == "zip":
+        return SegmentationExport(write_zip(tmp_path / "export.zip", files))
+    return SegmentationExport(write_to_object_storage(f"memory://reviews/{tmp_path.name}/export", files, request.param == "stored zip"))
 
 
 def test_masks_are_named_without_extension_including_folders(export):
