@@ -71,13 +71,18 @@ def encode_text_in_tasks(encode: Callable[..., Any], calls: list[tuple[Any, ...]
 
     A checkpoint that cannot be read is a `PreflightError` naming `model.weights`.
     """
-    # Never more memory than the largest node offers: a request no node can meet would wait forever.
-    largest_node = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
-    remote = ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus, memory=min(TEXT_TASK_MEMORY, int(largest_node)))
+    remote = ray.remote(encode).options(num_cpus=1, num_gpus=num_gpus, memory=text_task_memory(ray.nodes()))
     try:
         return ray.get([remote.remote(*args) for args in calls])
     except sed_model.CheckpointError as exc:  # Ray raises the task's error as a subclass of its type
         raise PreflightError(f"model.weights: {getattr(exc, 'cause', exc)}") from None
+
+
+def text_task_memory(nodes: list[dict[str, Any]]) -> int:
+    """The memory a text task asks for: `TEXT_TASK_MEMORY`, or the largest live node's (as
+    `ray.nodes()` lists them) if less, since a request no node can meet would wait forever."""
+    largest = max((node["Resources"].get("memory", 0) for node in nodes if node["Alive"]), default=0)
+    return min(TEXT_TASK_MEMORY, int(largest))
 
 
 def text_task_slices(classes: int, cpus: int) -> list[tuple[int, int]]:

@@ -31,6 +31,7 @@ def test_the_demo_shows_a_progress_bar_and_no_library_noise(tmp_path):
     # The bar's last frame (a terminal sees it move): count, rate, elapsed and time left.
     assert re.search(r"labelling .*6/6 images \d+\.\d\d images/s \d:\d\d:\d\d left \d:\d\d:\d\d", console), console
     assert "shard 000000 committed: 4 ok, 0 errors" in console
+    assert "text embeddings of 6 prompts x 80 templates, on 1 CPU task" in console
     # Ray's own lines went to the log file, which the summary names, inside the output folder.
     log = Path(re.search(r"^log: (.+)$", result.stdout, re.MULTILINE).group(1))
     assert log.parent == tmp_path / "out" / "logs"
